@@ -1,0 +1,209 @@
+"""The wire contract between the gateway and the wrapper: event envelope, messages, Redis keys.
+
+Both sides import this module; the wrapper never imports the gateway. It depends on the standard
+library only, so the session image stays small and the hot path stays cheap.
+
+Redis layout for one session ``<sid>`` (every key starts with ``ccgate:session:<sid>:`` so a
+per-session Redis ACL user ``~ccgate:session:<sid>:*`` / ``&ccgate:session:<sid>:*`` covers it):
+
+=====================================  =========  ===========================================
+key                                    type       written by -> read by
+=====================================  =========  ===========================================
+``ccgate:session:<sid>:spec``          string     gateway -> wrapper: SessionSpec JSON
+``ccgate:session:<sid>:input``         list       gateway RPUSH -> wrapper BLPOP: TurnRequest
+``ccgate:session:<sid>:control``       list       gateway RPUSH -> wrapper BLPOP: ControlMessage
+``ccgate:session:<sid>:events``        stream     wrapper XADD -> gateway XRANGE/XREADGROUP;
+                                                  entry id ``<seq>-0``, one field ``e`` holding
+                                                  the envelope JSON; capped with MAXLEN ~
+``ccgate:session:<sid>:live``          channel    wrapper PUBLISH -> gateway SUBSCRIBE: the
+                                                  same envelope JSON, for live delivery
+=====================================  =========  ===========================================
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+KEY_PREFIX = "ccgate"
+ENVELOPE_FIELD = "e"
+"""Name of the single field of each events-stream entry; its value is the envelope JSON."""
+
+LEDGER_GROUP = "ccgate-ledger"
+"""Consumer group through which gateway replicas persist session events to the database."""
+
+
+def session_prefix(session_id: str) -> str:
+    """Prefix shared by every Redis key and channel of one session."""
+    return f"{KEY_PREFIX}:session:{session_id}:"
+
+
+def spec_key(session_id: str) -> str:
+    """String key holding the session's SessionSpec JSON (gateway writes, wrapper reads)."""
+    return f"{session_prefix(session_id)}spec"
+
+
+def input_key(session_id: str) -> str:
+    """List of TurnRequest JSON, consumed one turn at a time by the wrapper."""
+    return f"{session_prefix(session_id)}input"
+
+
+def control_key(session_id: str) -> str:
+    """List of ControlMessage JSON (interrupt), consumed by the wrapper at any time."""
+    return f"{session_prefix(session_id)}control"
+
+
+def events_key(session_id: str) -> str:
+    """Capped Redis Stream of event envelopes; entry ids are ``<seq>-0``."""
+    return f"{session_prefix(session_id)}events"
+
+
+def live_channel(session_id: str) -> str:
+    """Pub/sub channel carrying each envelope as it is appended to the events stream."""
+    return f"{session_prefix(session_id)}live"
+
+
+def redis_username(session_id: str) -> str:
+    """Name of the per-session Redis ACL user the session's container logs in as."""
+    return f"ccgate-session-{session_id}"
+
+
+def stream_id(seq: int) -> str:
+    """Redis Stream entry id of the event with this seq (seq starts at 1)."""
+    return f"{seq}-0"
+
+
+def seq_of_stream_id(entry_id: str | bytes) -> int:
+    """Inverse of :func:`stream_id`."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.split("-", 1)[0])
+
+
+class EventType(StrEnum):
+    """Envelope types the wrapper emits itself; CLI lines keep the CLI's own ``type``."""
+
+    READY = "ready"  # the CLI process is up and the wrapper takes turns
+    TURN_STARTED = "turn_started"  # a prompt was written to the CLI's stdin
+    TURN_COMPLETED = "turn_completed"  # the turn ended (CLI result, timeout or CLI death)
+    ERROR = "error"  # something went wrong that the client should see
+    CLI_RESTARTED = "cli_restarted"  # the CLI died and was restarted with --resume
+    EXITED = "exited"  # the wrapper is leaving; the last event of a container
+
+
+class EventSource(StrEnum):
+    """Who produced an event."""
+
+    CLI = "cli"  # a stream-json line from the Claude Code CLI, unchanged in ``data``
+    WRAPPER = "wrapper"  # a lifecycle event of the wrapper
+
+
+def encode_envelope(
+    *,
+    seq: int,
+    session_id: str,
+    turn_id: str | None,
+    event_type: str,
+    data_json: str,
+    source: EventSource,
+    ts: float | None = None,
+) -> str:
+    """Build the envelope JSON ``{seq, session_id, turn_id, ts, type, source, data}``.
+
+    ``data_json`` is embedded verbatim (for CLI events: the stream-json line exactly as the CLI
+    printed it), so a 10 MB tool result is never parsed and re-serialised here. ``ts`` is Unix
+    time in seconds (float) when the wrapper read the line.
+    """
+    return (
+        f'{{"seq":{seq},"session_id":{json.dumps(session_id)},'
+        f'"turn_id":{json.dumps(turn_id)},"ts":{ts if ts is not None else time.time():.6f},'
+        f'"type":{json.dumps(event_type)},"source":"{source.value}","data":{data_json}}}'
+    )
+
+
+def decode_envelope(raw: str | bytes) -> dict[str, Any]:
+    """Parse envelope JSON; raises ValueError when it is not an envelope."""
+    obj = json.loads(raw)
+    if not isinstance(obj, dict) or not isinstance(obj.get("seq"), int) or "type" not in obj:
+        raise ValueError("not an event envelope")
+    return obj
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """How the wrapper runs the CLI for one session (JSON at :func:`spec_key`).
+
+    Every field maps to a Claude Code CLI flag (see ``wrapper.runner.build_cli_args``);
+    ``timeout_seconds`` is the default per-turn deadline, enforced by the wrapper.
+    """
+
+    session_id: str
+    model: str | None = None
+    system_prompt: str | None = None
+    append_system_prompt: str | None = None
+    allowed_tools: list[str] = field(default_factory=list)
+    disallowed_tools: list[str] = field(default_factory=list)
+    permission_mode: str | None = None
+    max_turns: int | None = None
+    max_budget_usd: float | None = None
+    timeout_seconds: float | None = None
+    mcp_servers: dict[str, Any] = field(default_factory=dict)
+    include_partial_messages: bool = False
+
+    def to_json(self) -> str:
+        """Serialise for Redis."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> SessionSpec:
+        """Parse from Redis; unknown keys (from a newer gateway) are ignored."""
+        obj = json.loads(raw)
+        known = {k: v for k, v in obj.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    """One prompt for the CLI (JSON in :func:`input_key`). ``message_id`` becomes the turn_id."""
+
+    message_id: str
+    prompt: str
+    timeout_seconds: float | None = None
+
+    def to_json(self) -> str:
+        """Serialise for Redis."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> TurnRequest:
+        """Parse from Redis."""
+        obj = json.loads(raw)
+        return cls(
+            message_id=str(obj["message_id"]),
+            prompt=str(obj["prompt"]),
+            timeout_seconds=obj.get("timeout_seconds"),
+        )
+
+
+class ControlType(StrEnum):
+    """Control messages the gateway sends to a running wrapper."""
+
+    INTERRUPT = "interrupt"  # interrupt the running turn (CLI control-protocol interrupt)
+
+
+@dataclass(frozen=True)
+class ControlMessage:
+    """A control message (JSON in :func:`control_key`)."""
+
+    type: ControlType
+
+    def to_json(self) -> str:
+        """Serialise for Redis."""
+        return json.dumps({"type": self.type.value})
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> ControlMessage:
+        """Parse from Redis; raises ValueError on an unknown type."""
+        return cls(type=ControlType(json.loads(raw)["type"]))

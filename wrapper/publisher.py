@@ -1,0 +1,160 @@
+"""Event publisher: assigns each event its seq and delivers it to Redis, in order, at least once.
+
+Delivery of one event is a Lua script: XADD to the session's events stream with the explicit
+entry id ``<seq>-0`` (capped with MAXLEN ~), then PUBLISH the same envelope on the live channel.
+A retried event whose id is already in the stream is recognised by Redis ("equal or smaller")
+and neither appended nor published again, so retries after a lost reply never duplicate.
+
+``emit`` never blocks the caller: envelopes queue in memory and one sender task ships them in
+pipelined batches; while Redis is unreachable it keeps them and retries with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from wrapper.protocol import (
+    EventSource,
+    encode_envelope,
+    events_key,
+    live_channel,
+    seq_of_stream_id,
+    stream_id,
+)
+
+logger = logging.getLogger(__name__)
+
+_APPEND_AND_PUBLISH = """
+local ok = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], ARGV[1], 'e', ARGV[2])
+if type(ok) == 'table' and ok.err then
+  if string.find(ok.err, 'equal or smaller', 1, true) then
+    return 0
+  end
+  return redis.error_reply(ok.err)
+end
+redis.call('PUBLISH', KEYS[2], ARGV[2])
+return 1
+"""
+
+_BATCH = 256
+
+
+class EventPublisher:
+    """Ordered, retrying publisher of event envelopes for one session.
+
+    ``stream_maxlen`` caps the events stream (approximate trim). ``seq`` continues from the
+    last entry already in the stream, so a restarted wrapper never reuses a seq.
+    """
+
+    def __init__(self, client: aioredis.Redis, session_id: str, *, stream_maxlen: int) -> None:
+        self._redis = client
+        self._session_id = session_id
+        self._stream = events_key(session_id)
+        self._channel = live_channel(session_id)
+        self._maxlen = str(stream_maxlen)
+        self._script = client.register_script(_APPEND_AND_PUBLISH)
+        self._pending: deque[tuple[int, str]] = deque()
+        self._wakeup = asyncio.Event()
+        self._delivered = asyncio.Condition()
+        self._last_seq = 0
+        self._delivered_seq = 0
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def last_seq(self) -> int:
+        """Seq of the most recently emitted event (0 before the first)."""
+        return self._last_seq
+
+    async def start(self) -> None:
+        """Find the last seq in the stream, then start the sender task."""
+        last = await self._redis.xrevrange(self._stream, count=1)
+        if last:
+            self._last_seq = self._delivered_seq = seq_of_stream_id(last[0][0])
+        self._task = asyncio.create_task(self._run(), name="event-publisher")
+
+    def emit(
+        self,
+        event_type: str,
+        data_json: str,
+        *,
+        source: EventSource,
+        turn_id: str | None,
+    ) -> int:
+        """Queue one event; returns its seq. ``data_json`` must be a JSON value, used verbatim."""
+        self._last_seq += 1
+        envelope = encode_envelope(
+            seq=self._last_seq,
+            session_id=self._session_id,
+            turn_id=turn_id,
+            event_type=event_type,
+            data_json=data_json,
+            source=source,
+        )
+        self._pending.append((self._last_seq, envelope))
+        self._wakeup.set()
+        return self._last_seq
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Wait until every queued event is delivered; False if the timeout ran out first."""
+        target = self._last_seq
+
+        async def _wait() -> None:
+            async with self._delivered:
+                await self._delivered.wait_for(lambda: self._delivered_seq >= target)
+
+        try:
+            await asyncio.wait_for(_wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self, timeout_s: float) -> None:
+        """Flush within ``timeout_s`` seconds, then stop the sender."""
+        await self.flush(timeout_s)
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while not self._closing:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = [self._pending[i] for i in range(min(_BATCH, len(self._pending)))]
+            try:
+                await self._send(batch)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                logger.warning("redis unreachable, %d events held: %s", len(self._pending), exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.05
+            for _ in batch:
+                self._pending.popleft()
+            async with self._delivered:
+                self._delivered_seq = batch[-1][0]
+                self._delivered.notify_all()
+
+    async def _send(self, batch: list[tuple[int, str]]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for seq, envelope in batch:
+                await self._script(
+                    keys=[self._stream, self._channel],
+                    args=[stream_id(seq), envelope, self._maxlen],
+                    client=pipe,
+                )
+            await pipe.execute()
