@@ -1,4 +1,4 @@
-"""Scripted model server: a deterministic Messages-API-compatible server for the real Claude Code CLI.
+"""Scripted model server: a deterministic Messages-API server for the real Claude Code CLI.
 
 The CLI talks to it through ``ANTHROPIC_BASE_URL`` (``POST /v1/messages?beta=true``, SSE when the
 body says ``"stream": true``, a JSON Message otherwise). Wire formats follow

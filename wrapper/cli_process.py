@@ -69,7 +69,7 @@ def user_message_line(prompt: str) -> bytes:
 
 
 def control_request_line(subtype: str, **fields: Any) -> tuple[str, bytes]:
-    """A control-protocol request ``{"type":"control_request","request_id",...}``; returns (id, line)."""
+    """A control-protocol request line; returns (request_id, line)."""
     request_id = f"req_{secrets.token_hex(6)}"
     msg = {
         "type": "control_request",

@@ -1,0 +1,14 @@
+"""The API map: one router per resource, all under /api/v1 (health also at /health)."""
+
+from fastapi import APIRouter
+
+from gateway.api import artifacts, chat, health, sessions, stream
+
+api_router = APIRouter(prefix="/api/v1")
+api_router.include_router(sessions.router)
+api_router.include_router(chat.router)
+api_router.include_router(stream.router)
+api_router.include_router(artifacts.router)
+api_router.include_router(health.router)
+
+__all__ = ["api_router", "health"]

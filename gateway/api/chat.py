@@ -1,0 +1,89 @@
+"""Chat resource: prompts, their results, interrupts."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response, status
+
+from gateway.db.models import Turn, as_utc
+from gateway.deps import DbDep, OwnedSession, ServiceDep
+from gateway.schemas import ChatAccepted, ChatRequest, ChatResult, MessagePublic
+
+router = APIRouter(prefix="/sessions/{session_id}", tags=["chat"])
+
+_WAIT_MARGIN_S = 30.0
+
+
+def chat_result(turn: Turn) -> ChatResult:
+    """The result view of a finished turn."""
+    return ChatResult(
+        message_id=turn.id,
+        status=turn.status.value,
+        subtype=turn.subtype,
+        is_error=bool(turn.is_error),
+        result=turn.result,
+        errors=turn.errors,
+        duration_ms=turn.duration_ms,
+        num_turns=turn.num_turns,
+        total_cost_usd=turn.total_cost_usd,
+        cost_usd=turn.cost_usd,
+        usage=turn.usage,
+    )
+
+
+@router.post(
+    "/chat",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={200: {"model": ChatResult, "description": "stream=false: the turn's result"}},
+)
+async def chat(
+    body: ChatRequest,
+    session: OwnedSession,
+    request: Request,
+    response: Response,
+    db: DbDep,
+    service: ServiceDep,
+) -> ChatAccepted | ChatResult:
+    """Send a prompt. Queued in order while the session starts or another turn runs.
+
+    ``stream=true`` (default): 202 with the ``message_id``; events carry it as ``turn_id``.
+    ``stream=false``: waits and returns the result (504 if it takes longer than the timeout).
+    """
+    turn = await service.chat(
+        db=db, session=session, prompt=body.prompt, timeout_s=body.timeout_seconds
+    )
+    if body.stream:
+        return ChatAccepted(message_id=turn.id)
+    timeout_s = (
+        body.timeout_seconds
+        or session.config.get("timeout_seconds")
+        or request.app.state.settings.default_chat_timeout_s
+    )
+    done = await service.wait_for_turn(
+        db_factory=request.app.state.db_factory, turn=turn, timeout_s=timeout_s + _WAIT_MARGIN_S
+    )
+    response.status_code = status.HTTP_200_OK
+    return chat_result(done)
+
+
+@router.get("/messages/{message_id}")
+async def get_message(
+    message_id: str, session: OwnedSession, db: DbDep, service: ServiceDep
+) -> MessagePublic:
+    """One prompt's status (queued, running, completed, failed, interrupted, cancelled) and
+    result."""
+    turn = await service.get_message(db=db, session=session, message_id=message_id)
+    return MessagePublic(
+        **chat_result(turn).model_dump(),
+        session_id=turn.session_id,
+        prompt=turn.prompt,
+        created_at=as_utc(turn.created_at) or turn.created_at,
+        started_at=as_utc(turn.started_at),
+        completed_at=as_utc(turn.completed_at),
+    )
+
+
+@router.post("/interrupt", status_code=status.HTTP_202_ACCEPTED)
+async def interrupt(session: OwnedSession, service: ServiceDep) -> dict[str, str]:
+    """Interrupt the running turn; its result arrives with subtype error_during_execution."""
+    await service.interrupt(session=session)
+    return {"session_id": session.id, "status": "interrupt_requested"}

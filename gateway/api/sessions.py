@@ -1,0 +1,108 @@
+"""Session resource: create, list, read, stop, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response, status
+
+from gateway.db.models import Session, SessionStatus, as_utc
+from gateway.deps import CurrentUser, DbDep, OwnedSession, ServiceDep
+from gateway.schemas import SessionCreate, SessionCreated, SessionList, SessionPublic, WorkspaceSpec
+
+router = APIRouter(prefix="/sessions", tags=["sessions"])
+
+
+def websocket_url(request: Request, session_id: str) -> str:
+    """ws(s)://host/api/v1/sessions/{id}/stream for the request's own host."""
+    scheme = "wss" if request.url.scheme == "https" else "ws"
+    return f"{scheme}://{request.url.netloc}/api/v1/sessions/{session_id}/stream"
+
+
+def session_public(session: Session, child_ids: list[str]) -> SessionPublic:
+    """The API view of a session row."""
+    return SessionPublic(
+        session_id=session.id,
+        status=session.status.value,
+        container_id=session.container_id,
+        created_at=as_utc(session.created_at) or session.created_at,
+        last_activity=as_utc(session.last_activity) or session.last_activity,
+        parent_session_id=session.parent_session_id,
+        child_session_ids=child_ids,
+        total_cost_usd=session.total_cost_usd,
+        total_turns=session.total_turns,
+        usage=session.usage,
+        workspace=WorkspaceSpec.model_validate(
+            {"type": session.workspace_type, "id": session.workspace_id}
+        ),
+        config=session.config,
+        cli_session_id=session.cli_session_id,
+        error=session.error,
+    )
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+async def create_session(
+    body: SessionCreate, request: Request, db: DbDep, user: CurrentUser, service: ServiceDep
+) -> SessionCreated:
+    """Start a session: its own container running the Claude Code CLI.
+
+    Returns at once with status ``starting``; the ``ready`` event (and status ``idle``) follows
+    when the CLI answered its handshake. Chats sent before then are queued.
+    """
+    session = await service.create_session(db=db, owner=user.user, body=body)
+    request.app.state.ledger.track(session.id)
+    return SessionCreated(
+        session_id=session.id,
+        status=session.status.value,
+        container_id=session.container_id,
+        created_at=as_utc(session.created_at) or session.created_at,
+        websocket_url=websocket_url(request, session.id),
+    )
+
+
+@router.get("")
+async def list_sessions(
+    db: DbDep,
+    user: CurrentUser,
+    service: ServiceDep,
+    status_filter: Annotated[SessionStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> SessionList:
+    """The caller's sessions, newest first."""
+    rows, total = await service.list_sessions(
+        db=db, owner=user.user, status=status_filter, limit=limit, offset=offset
+    )
+    return SessionList(
+        sessions=[session_public(s, await service.child_ids(db=db, session_id=s.id)) for s in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
+    )
+
+
+@router.get("/{session_id}")
+async def get_session(session: OwnedSession, db: DbDep, service: ServiceDep) -> SessionPublic:
+    """Status, container, totals (cost, turns, usage) and family of one session."""
+    return session_public(session, await service.child_ids(db=db, session_id=session.id))
+
+
+@router.post("/{session_id}/stop")
+async def stop_session(session: OwnedSession, db: DbDep, service: ServiceDep) -> SessionPublic:
+    """Stop the container (SIGTERM, then SIGKILL after the grace period) and remove it.
+
+    The workspace and transcript volumes, events and artifacts are kept until DELETE.
+    """
+    session = await service.stop(db=db, session=session)
+    return session_public(session, await service.child_ids(db=db, session_id=session.id))
+
+
+@router.delete("/{session_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_session(
+    session: OwnedSession, request: Request, db: DbDep, service: ServiceDep
+) -> Response:
+    """Stop and delete everything of the session: container, volumes, events, artifacts."""
+    request.app.state.ledger.untrack(session.id)
+    await service.delete(db=db, session=session)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

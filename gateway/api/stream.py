@@ -1,0 +1,173 @@
+"""Live event stream of a session over WebSocket.
+
+Auth: ``Authorization: Bearer <jwt>``, ``?token=<jwt>``, or the subprotocol pair
+``["bearer", "<jwt>"]`` (the server answers with the subprotocol ``bearer``).
+``?after_seq=N`` replays every retained event with seq > N, then streams live, in seq order,
+with no gap and no duplicate.
+
+Server -> client: event envelopes ``{seq, session_id, turn_id, ts, type, source, data}``;
+replies without ``seq``: ``{"type":"ack","message_id"}``, ``{"type":"pong"}``,
+``{"type":"error","detail"}``, ``{"type":"gap","from_seq","to_seq"}``.
+Client -> server: ``{"type":"prompt","prompt":...,"timeout_seconds"?}``,
+``{"type":"interrupt"}``, ``{"type":"ping"}``.
+Close codes: 4401 bad or missing token, 4404 unknown session, 4429 client too slow (resume with
+after_seq), 1011 a dependency failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+from sqlmodel import col, select
+
+from gateway.auth import InvalidToken, Principal, decode_token
+from gateway.db.models import Event, Session
+from gateway.errors import GatewayError
+from gateway.schemas import ChatRequest
+from gateway.services.events import SlowConsumer, follow_session
+from gateway.services.sessions import SessionService
+
+router = APIRouter(tags=["stream"])
+
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_NOT_FOUND = 4404
+CLOSE_SLOW_CONSUMER = 4429
+CLOSE_DEPENDENCY = 1011
+_SUBPROTOCOL_NAMES = ("bearer", "ccgate.bearer")
+
+
+def _token_from(websocket: WebSocket) -> tuple[str | None, str | None]:
+    """(token, subprotocol to echo) from header, query or subprotocol list."""
+    header = websocket.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip(), None
+    if websocket.query_params.get("token"):
+        return websocket.query_params["token"], None
+    offered: list[str] = list(websocket.scope.get("subprotocols") or [])
+    marker = next((p for p in offered if p in _SUBPROTOCOL_NAMES), None)
+    if marker is not None:
+        others = [p for p in offered if p not in _SUBPROTOCOL_NAMES]
+        if others:
+            return others[0], marker
+    return None, None
+
+
+def archive_reader(db_factory: Any) -> Any:
+    """Reads persisted envelopes (for replays older than the Redis stream retains)."""
+
+    async def read(session_id: str, first: int, last: int) -> list[bytes]:
+        async with db_factory() as db:
+            rows = await db.exec(
+                select(Event.envelope)
+                .where(Event.session_id == session_id, Event.seq >= first, Event.seq <= last)
+                .order_by(col(Event.seq))
+            )
+            return [r.encode() for r in rows.all()]
+
+    return read
+
+
+@router.websocket("/sessions/{session_id}/stream")
+async def session_stream(websocket: WebSocket, session_id: str) -> None:
+    """Replay after ``after_seq``, then live events; accepts prompt/interrupt/ping messages."""
+    state = websocket.app.state
+    token, subprotocol = _token_from(websocket)
+    try:
+        after_seq = max(0, int(websocket.query_params.get("after_seq", "0")))
+    except ValueError:
+        after_seq = -1
+    await websocket.accept(subprotocol=subprotocol)
+    if after_seq < 0:
+        await websocket.close(code=1008, reason="after_seq must be a non-negative integer")
+        return
+    if token is None:
+        await websocket.close(code=CLOSE_UNAUTHORIZED, reason="missing bearer token")
+        return
+    try:
+        principal = decode_token(token, key=state.jwt_key)
+    except InvalidToken as exc:
+        await websocket.close(code=CLOSE_UNAUTHORIZED, reason=f"invalid token: {exc}"[:120])
+        return
+    service: SessionService = state.sessions
+    async with state.db_factory() as db:
+        session = await db.get(Session, session_id)
+    if session is None or session.owner != principal.user:
+        await websocket.close(code=CLOSE_NOT_FOUND, reason=f"session {session_id} not found")
+        return
+
+    send_lock = asyncio.Lock()
+
+    async def send(text: str) -> None:
+        async with send_lock:
+            await websocket.send_text(text)
+
+    async def pump_events() -> None:
+        async for raw in follow_session(
+            service.hub,
+            state.redis,
+            session_id,
+            after_seq=after_seq,
+            archive=archive_reader(state.db_factory),
+        ):
+            await send(raw.decode("utf-8", errors="replace"))
+
+    async def read_client() -> None:
+        while True:
+            text = await websocket.receive_text()
+            reply = await _handle_client_message(text, service, state, principal, session_id)
+            if reply is not None:
+                await send(json.dumps(reply))
+
+    tasks = [asyncio.create_task(pump_events()), asyncio.create_task(read_client())]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            exc = task.exception()
+            if isinstance(exc, SlowConsumer):
+                await websocket.close(code=CLOSE_SLOW_CONSUMER, reason=str(exc)[:120])
+            elif isinstance(exc, GatewayError):
+                await websocket.close(code=CLOSE_DEPENDENCY, reason=exc.message[:120])
+            elif exc is not None and not isinstance(exc, WebSocketDisconnect | RuntimeError):
+                raise exc
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(RuntimeError):
+            await websocket.close()
+
+
+async def _handle_client_message(
+    text: str, service: SessionService, state: Any, principal: Principal, session_id: str
+) -> dict[str, Any] | None:
+    try:
+        message = json.loads(text)
+        kind = message.get("type") if isinstance(message, dict) else None
+    except ValueError:
+        return {"type": "error", "detail": "messages must be JSON objects"}
+    if kind == "ping":
+        return {"type": "pong"}
+    try:
+        async with state.db_factory() as db:
+            session = await service.get_owned(db=db, owner=principal.user, session_id=session_id)
+            if kind == "prompt":
+                body = ChatRequest.model_validate(
+                    {k: message[k] for k in ("prompt", "timeout_seconds") if k in message}
+                )
+                turn = await service.chat(
+                    db=db, session=session, prompt=body.prompt, timeout_s=body.timeout_seconds
+                )
+                return {"type": "ack", "message_id": turn.id, "id": message.get("id")}
+            if kind == "interrupt":
+                await service.interrupt(session=session)
+                return {"type": "ack", "interrupt": True, "id": message.get("id")}
+    except ValidationError as exc:
+        return {"type": "error", "detail": exc.errors(include_url=False)[0]["msg"]}
+    except GatewayError as exc:
+        return {"type": "error", "detail": exc.message, "code": exc.code}
+    return {"type": "error", "detail": "type must be one of prompt, interrupt, ping"}

@@ -1,0 +1,59 @@
+"""Mint and verify JWTs (python-jose).
+
+Tokens are HS256 only (the algorithm is pinned on decode, so ``alg: none`` and algorithm
+confusion fail), must carry ``sub`` (the user id) and ``exp``; ``iat`` is set on mint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from jose import JWTError, jwt
+
+from gateway.config import JWT_ALGORITHM
+
+
+class InvalidToken(Exception):
+    """The token is missing, malformed, expired, badly signed or lacks a claim."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller: ``user`` is the token's ``sub``."""
+
+    user: str
+
+
+def mint_token(*, key: str, user: str, ttl_s: int, now: float | None = None) -> str:
+    """A signed token for ``user`` valid for ``ttl_s`` seconds."""
+    if not user or len(user) > 255:
+        raise ValueError("user must be 1-255 characters")
+    if ttl_s <= 0:
+        raise ValueError("ttl_s must be positive")
+    issued = int(now if now is not None else time.time())
+    claims = {"sub": user, "iat": issued, "exp": issued + ttl_s}
+    return str(jwt.encode(claims, key, algorithm=JWT_ALGORITHM))
+
+
+def decode_token(token: str, *, key: str) -> Principal:
+    """Verify signature, algorithm and expiry; raises InvalidToken saying what is wrong."""
+    try:
+        header = jwt.get_unverified_header(token)
+    except JWTError as exc:
+        raise InvalidToken("malformed token") from exc
+    if header.get("alg") != JWT_ALGORITHM:
+        raise InvalidToken(f"token algorithm must be {JWT_ALGORITHM}")
+    try:
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=[JWT_ALGORITHM],
+            options={"require_exp": True, "require_sub": True, "verify_aud": False},
+        )
+    except JWTError as exc:
+        raise InvalidToken(str(exc) or "invalid token") from exc
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub:
+        raise InvalidToken("token has no subject")
+    return Principal(user=sub)

@@ -1,0 +1,138 @@
+"""Gateway settings from the environment (pydantic-settings), with embedded defaults.
+
+Every field reads ``CCGATE_<NAME>``; the conventional ``DATABASE_URL`` and ``REDIS_URL`` are also
+accepted. Defaults run a single-machine gateway: SQLite under ``data_dir``, Redis on localhost,
+artifacts in a local directory (set ``CCGATE_S3_ENDPOINT`` for S3/MinIO), Docker from
+``DOCKER_HOST`` or the default socket.
+"""
+
+from __future__ import annotations
+
+import secrets
+from enum import StrEnum
+from functools import cached_property
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+JWT_ALGORITHM = "HS256"
+"""The only algorithm tokens may use; pinned on decode (``alg: none`` and RS/HS confusion fail)."""
+
+
+class Environment(StrEnum):
+    """Deployment mode."""
+
+    DEVELOPMENT = "development"  # a JWT secret file is generated on first use
+    PRODUCTION = "production"  # CCGATE_JWT_SECRET must be set explicitly
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".ccgate"
+
+
+class Settings(BaseSettings):
+    """All gateway configuration; see README "Configuration" for the table."""
+
+    model_config = SettingsConfigDict(env_prefix="CCGATE_", extra="ignore")
+
+    environment: Environment = Environment.DEVELOPMENT
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("CCGATE_DATABASE_URL", "DATABASE_URL")
+    )
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("CCGATE_REDIS_URL", "REDIS_URL"),
+    )
+    container_redis_host: str | None = None
+    """Host:port the session containers use for Redis; default: REDIS_URL's, with a loopback
+    host replaced by ``host.docker.internal``."""
+    session_redis_acl: bool = True
+    """Give each container its own Redis ACL user limited to its session's keys and channels."""
+
+    s3_endpoint: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_bucket: str = "ccgate-artifacts"
+    s3_secure: bool = False
+    s3_region: str | None = None
+    artifacts_dir: Path | None = None
+    max_artifact_bytes: int = 100 * 1024 * 1024
+
+    jwt_secret: SecretStr | None = None
+    jwt_secret_file: Path | None = None
+    token_ttl_s: int = 24 * 3600
+
+    image: str = "ccgate-session:latest"
+    docker_network: str = "ccgate-sessions"
+    container_memory: str = "2g"
+    container_cpus: float = 1.0
+    container_pids: int = 512
+    container_extra_hosts: dict[str, str] = Field(
+        default_factory=lambda: {"host.docker.internal": "host-gateway"}
+    )
+    stop_timeout_s: int = 15
+    stream_maxlen: int = 10_000
+
+    anthropic_base_url: str | None = None
+    anthropic_api_key: SecretStr | None = None
+    anthropic_auth_token: SecretStr | None = None
+    default_model: str = "claude-sonnet-4-5"
+    default_permission_mode: str = "bypassPermissions"
+    default_chat_timeout_s: float = 600.0
+
+    @model_validator(mode="after")
+    def _production_needs_secret(self) -> Settings:
+        if self.environment is Environment.PRODUCTION and self.jwt_secret is None:
+            raise ValueError("CCGATE_JWT_SECRET must be set when CCGATE_ENVIRONMENT=production")
+        return self
+
+    @cached_property
+    def db_url(self) -> str:
+        """SQLAlchemy async URL: SQLite (aiosqlite) by default, PostgreSQL through asyncpg."""
+        url = self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'ccgate.db'}"
+        for plain in ("postgresql://", "postgres://"):
+            if url.startswith(plain):
+                url = "postgresql+asyncpg://" + url[len(plain) :]
+        if url.startswith("sqlite://"):
+            url = "sqlite+aiosqlite://" + url[len("sqlite://") :]
+        return url
+
+    @cached_property
+    def artifacts_path(self) -> Path:
+        """Directory of the local artifact store (used when no S3 endpoint is set)."""
+        return self.artifacts_dir or self.data_dir / "artifacts"
+
+    def container_redis_url(self, username: str | None, password: str | None) -> str:
+        """Redis URL for a session container, logging in as ``username`` when given."""
+        parts = urlsplit(self.redis_url)
+        if self.container_redis_host:
+            hostport = self.container_redis_host
+        else:
+            host = parts.hostname or "127.0.0.1"
+            if host in ("127.0.0.1", "localhost", "::1"):
+                host = "host.docker.internal"
+            hostport = f"{host}:{parts.port or 6379}"
+        if username is not None:
+            auth = f"{username}:{password}@"
+        elif parts.password:
+            auth = f"{parts.username or ''}:{parts.password}@"
+        else:
+            auth = ""
+        return urlunsplit((parts.scheme, auth + hostport, parts.path or "/0", "", ""))
+
+    def jwt_key(self) -> str:
+        """The HS256 signing key: CCGATE_JWT_SECRET, else a secret file created on first use."""
+        if self.jwt_secret is not None:
+            return self.jwt_secret.get_secret_value()
+        path = self.jwt_secret_file or self.data_dir / "jwt-secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_urlsafe(48))
+        return path.read_text().strip()

@@ -1,0 +1,126 @@
+"""Tables: Session, Turn, Artifact, Event.
+
+One Session row per ccgate session (its container, status and running totals); one Turn row per
+prompt (``id`` is the ``message_id`` the API returns); one Artifact row per file collected from the
+workspace; one Event row per envelope persisted by the ledger (``(session_id, seq)`` unique).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, Text
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now in UTC."""
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes: mark them UTC (they were stored as UTC)."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def _ts(**kw: Any) -> Any:
+    return Field(sa_column=Column(DateTime(timezone=True), **kw))
+
+
+class SessionStatus(StrEnum):
+    """Persisted session lifecycle: starting -> idle <-> running -> stopped | failed."""
+
+    STARTING = "starting"  # container created; the CLI is not ready yet (chats queue)
+    IDLE = "idle"  # ready, no turn running
+    RUNNING = "running"  # a turn is running (further chats queue)
+    STOPPED = "stopped"  # stopped on request; container removed, volumes kept until delete
+    FAILED = "failed"  # the container or CLI died and could not recover
+
+    @property
+    def live(self) -> bool:
+        """True while the session has (or is getting) a container."""
+        return self in (SessionStatus.STARTING, SessionStatus.IDLE, SessionStatus.RUNNING)
+
+
+class TurnStatus(StrEnum):
+    """Lifecycle of one prompt."""
+
+    QUEUED = "queued"  # accepted, waiting for the CLI
+    RUNNING = "running"  # written to the CLI
+    COMPLETED = "completed"  # the CLI returned a successful result
+    FAILED = "failed"  # the CLI returned an error result, or died
+    INTERRUPTED = "interrupted"  # interrupted by the client or by the turn timeout
+    CANCELLED = "cancelled"  # never ran: the session stopped first
+
+    @property
+    def final(self) -> bool:
+        """True once the turn will not change again."""
+        return self not in (TurnStatus.QUEUED, TurnStatus.RUNNING)
+
+
+class Session(SQLModel, table=True):
+    """A ccgate session: one container running one Claude Code CLI."""
+
+    id: str = Field(primary_key=True, max_length=36)
+    owner: str = Field(index=True, max_length=255)
+    status: SessionStatus = Field(default=SessionStatus.STARTING, index=True)
+    container_id: str | None = Field(default=None, max_length=80)
+    workspace_type: str = Field(default="ephemeral", max_length=20)
+    workspace_id: str | None = Field(default=None, max_length=128)
+    workspace_volume: str = Field(max_length=200)
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    parent_session_id: str | None = Field(default=None, index=True, max_length=36)
+    cli_session_id: str | None = Field(default=None, max_length=64)
+    created_at: datetime = _ts(nullable=False, default=utcnow)
+    last_activity: datetime = _ts(nullable=False, default=utcnow)
+    total_cost_usd: float = 0.0
+    total_turns: int = 0
+    usage: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    error: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class Turn(SQLModel, table=True):
+    """One prompt and its result; ``id`` is the API's ``message_id``."""
+
+    id: str = Field(primary_key=True, max_length=36)
+    session_id: str = Field(index=True, foreign_key="session.id", max_length=36)
+    prompt: str = Field(sa_column=Column(Text, nullable=False))
+    status: TurnStatus = Field(default=TurnStatus.QUEUED)
+    subtype: str | None = Field(default=None, max_length=64)
+    is_error: bool | None = None
+    result: str | None = Field(default=None, sa_column=Column(Text))
+    errors: list[str] | None = Field(default=None, sa_column=Column(JSON))
+    terminal_reason: str | None = Field(default=None, max_length=64)
+    usage: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    total_cost_usd: float | None = None
+    cost_usd: float | None = None
+    num_turns: int | None = None
+    duration_ms: int | None = None
+    created_at: datetime = _ts(nullable=False, default=utcnow)
+    started_at: datetime | None = _ts(nullable=True)
+    completed_at: datetime | None = _ts(nullable=True)
+
+
+class Artifact(SQLModel, table=True):
+    """A workspace file collected after a turn and kept in the artifact store."""
+
+    session_id: str = Field(primary_key=True, foreign_key="session.id", max_length=36)
+    path: str = Field(primary_key=True, max_length=1024)
+    size: int
+    sha256: str = Field(max_length=64)
+    turn_id: str | None = Field(default=None, max_length=36)
+    updated_at: datetime = _ts(nullable=False, default=utcnow)
+
+
+class Event(SQLModel, table=True):
+    """One persisted event envelope (the ledger writes each (session_id, seq) exactly once)."""
+
+    session_id: str = Field(primary_key=True, foreign_key="session.id", max_length=36)
+    seq: int = Field(primary_key=True)
+    turn_id: str | None = Field(default=None, max_length=36)
+    type: str = Field(max_length=64)
+    envelope: str = Field(sa_column=Column(Text, nullable=False))

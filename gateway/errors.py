@@ -1,0 +1,75 @@
+"""The gateway's error tree and its one mapping to HTTP.
+
+::
+
+    GatewayError                      500
+    ├── NotFound                      404  unknown session, or one owned by someone else
+    ├── Conflict                      409  e.g. chat on a stopped session
+    ├── InvalidRequest                422  input that passed the schema but cannot be honoured
+    ├── TurnTimeout                   504  a stream=false chat waited longer than its timeout
+    └── DependencyUnavailable         503  database, redis, storage or docker is down
+        └── ContainerStartFailed      503  docker answered but the session container did not start
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class GatewayError(Exception):
+    """Root of every error the API reports; ``status_code`` and ``code`` shape the response."""
+
+    status_code: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(GatewayError):
+    """The resource does not exist for this caller."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(GatewayError):
+    """The resource is in a state that forbids the operation."""
+
+    status_code = 409
+    code = "conflict"
+
+
+class InvalidRequest(GatewayError):
+    """The request is well-formed but cannot be honoured as given."""
+
+    status_code = 422
+    code = "invalid_request"
+
+
+class TurnTimeout(GatewayError):
+    """A synchronous chat did not finish in time; the turn keeps running."""
+
+    status_code = 504
+    code = "turn_timeout"
+
+
+class DependencyUnavailable(GatewayError):
+    """A backing service failed; ``dependency`` is database | redis | storage | docker."""
+
+    status_code = 503
+    code = "dependency_unavailable"
+
+    def __init__(self, dependency: str, detail: str) -> None:
+        super().__init__(f"{dependency} is unavailable: {detail}")
+        self.dependency = dependency
+
+
+class ContainerStartFailed(DependencyUnavailable):
+    """Docker is reachable but the session container could not be created or started."""
+
+    code = "container_start_failed"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("docker", detail)

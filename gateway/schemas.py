@@ -1,0 +1,226 @@
+"""Request and response bodies of the HTTP API (a superset of CC-Docker's shapes)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_ENV = frozenset(
+    {"HOME", "PATH", "USER", "CLAUDE_CONFIG_DIR", "CLAUDECODE", "PYTHONPATH", "LD_PRELOAD"}
+)
+_TOOL_RULE = re.compile(r"^[A-Za-z0-9_.*:-]+(\(.{0,500}\))?$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorkspaceType(StrEnum):
+    """Where /workspace comes from."""
+
+    EPHEMERAL = "ephemeral"  # a fresh volume, deleted with the session
+    PERSISTENT = "persistent"  # a named volume of the owner's, kept across sessions
+
+
+class PermissionMode(StrEnum):
+    """The CLI's ``--permission-mode`` choices (2.1.x; ``default`` is an alias of ``manual``)."""
+
+    DEFAULT = "default"
+    MANUAL = "manual"
+    ACCEPT_EDITS = "acceptEdits"
+    PLAN = "plan"
+    BYPASS = "bypassPermissions"
+    DONT_ASK = "dontAsk"
+    AUTO = "auto"
+
+
+class WorkspaceSpec(_Strict):
+    """``{type: ephemeral|persistent, id?}``; a persistent workspace needs an ``id``."""
+
+    type: WorkspaceType = WorkspaceType.EPHEMERAL
+    id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+    @model_validator(mode="after")
+    def _id_matches_type(self) -> WorkspaceSpec:
+        if self.type is WorkspaceType.PERSISTENT and not self.id:
+            raise ValueError("a persistent workspace needs an id (letters, digits, '_', '.', '-')")
+        if self.type is WorkspaceType.EPHEMERAL and self.id:
+            raise ValueError("an ephemeral workspace takes no id; use type 'persistent'")
+        return self
+
+
+class SessionConfig(_Strict):
+    """How the session's CLI runs; every field is passed to the Claude Code CLI."""
+
+    model: str | None = Field(default=None, min_length=1, max_length=200)
+    system_prompt: str | None = Field(default=None, max_length=100_000)
+    append_system_prompt: str | None = Field(default=None, max_length=100_000)
+    allowed_tools: list[str] = Field(default_factory=list, max_length=200)
+    disallowed_tools: list[str] = Field(default_factory=list, max_length=200)
+    permission_mode: PermissionMode | None = None
+    max_turns: int | None = Field(default=None, ge=1, le=10_000)
+    timeout_seconds: float | None = Field(default=None, gt=0, le=86_400)
+    mcp_servers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict)
+    include_partial_messages: bool = False
+
+    @field_validator("allowed_tools", "disallowed_tools")
+    @classmethod
+    def _tool_rules(cls, rules: list[str]) -> list[str]:
+        for rule in rules:
+            if not _TOOL_RULE.match(rule):
+                raise ValueError(f"{rule!r} is not a tool rule such as 'Read' or 'Bash(git *)'")
+        return rules
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for name, value in env.items():
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+            if name in RESERVED_ENV or name.upper().startswith("CCGATE_"):
+                raise ValueError(f"{name} is reserved by ccgate and cannot be set")
+            if "\x00" in value:
+                raise ValueError(f"the value of {name} contains a NUL byte")
+        return env
+
+
+class SessionCreate(_Strict):
+    """``POST /sessions`` body."""
+
+    workspace: WorkspaceSpec = Field(default_factory=WorkspaceSpec)
+    config: SessionConfig = Field(default_factory=SessionConfig)
+    parent_session_id: str | None = None
+
+
+class SessionCreated(BaseModel):
+    """``POST /sessions`` answer."""
+
+    session_id: str
+    status: str
+    container_id: str | None
+    created_at: datetime
+    websocket_url: str
+
+
+class SessionPublic(BaseModel):
+    """A session as the API shows it."""
+
+    session_id: str
+    status: str
+    container_id: str | None
+    created_at: datetime
+    last_activity: datetime
+    parent_session_id: str | None
+    child_session_ids: list[str]
+    total_cost_usd: float
+    total_turns: int
+    usage: dict[str, Any]
+    workspace: WorkspaceSpec
+    config: dict[str, Any]
+    cli_session_id: str | None
+    error: str | None
+
+
+class SessionList(BaseModel):
+    """``GET /sessions`` answer."""
+
+    sessions: list[SessionPublic]
+    total: int
+    limit: int
+    offset: int
+
+
+class ChatRequest(_Strict):
+    """``POST /sessions/{id}/chat`` body. ``timeout_seconds`` bounds the turn (the wrapper
+    interrupts it when exceeded) and, with ``stream=false``, the wait for its result."""
+
+    prompt: str = Field(min_length=1, max_length=1_000_000)
+    stream: bool = True
+    timeout_seconds: float | None = Field(default=None, gt=0, le=86_400)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must contain non-whitespace text")
+        return prompt
+
+
+class ChatAccepted(BaseModel):
+    """``202`` answer to a streamed chat: follow the session's stream for ``message_id``."""
+
+    message_id: str
+    status: Literal["processing"] = "processing"
+
+
+class ChatResult(BaseModel):
+    """Answer to ``stream=false``: the turn's result (fields of the CLI's ``result`` event)."""
+
+    message_id: str
+    type: Literal["result"] = "result"
+    status: str
+    subtype: str | None
+    is_error: bool
+    result: str | None
+    errors: list[str] | None
+    duration_ms: int | None
+    num_turns: int | None
+    total_cost_usd: float | None
+    cost_usd: float | None
+    usage: dict[str, Any] | None
+
+
+class MessagePublic(ChatResult):
+    """``GET /sessions/{id}/messages/{message_id}``."""
+
+    type: Literal["result"] = "result"
+    session_id: str
+    prompt: str
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+
+
+class ArtifactPublic(BaseModel):
+    """A collected workspace file."""
+
+    path: str
+    size: int
+    sha256: str
+    content_type: str
+    turn_id: str | None
+    updated_at: datetime
+
+
+class ArtifactList(BaseModel):
+    """``GET /sessions/{id}/artifacts``."""
+
+    session_id: str
+    artifacts: list[ArtifactPublic]
+
+
+class Check(BaseModel):
+    """One dependency's health."""
+
+    ok: bool
+    detail: str
+
+
+class HealthPublic(BaseModel):
+    """``GET /health``: ``ok`` only when every dependency answered."""
+
+    status: Literal["ok", "degraded"]
+    checks: dict[str, Check]
+
+
+class ErrorBody(BaseModel):
+    """Every error response: ``{"detail": message, "code": machine-readable code}``."""
+
+    detail: str
+    code: str

@@ -1,0 +1,266 @@
+"""Event delivery to clients: replay from the session's Redis Stream, then live from pub/sub.
+
+Each gateway process holds ONE pub/sub connection (:class:`EventHub`); it subscribes to a
+session's live channel while at least one local client follows that session and fans messages out
+to per-client bounded queues. :func:`follow_session` gives a client every event after a seq
+exactly once and in order:
+
+1. subscribe (and wait for Redis to confirm the subscription),
+2. replay ``XRANGE events (after_seq ...`` from the stream (older seqs from the database),
+3. pass live messages, skipping seqs already sent and re-reading the stream on any hole.
+
+Because the wrapper appends to the stream before publishing (one Lua script), anything published
+after step 1 is either replayed in step 2 or arrives in step 3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.errors import DependencyUnavailable
+from wrapper.protocol import ENVELOPE_FIELD, events_key, live_channel, seq_of_stream_id
+
+logger = logging.getLogger(__name__)
+
+_RESYNC = b"resync"
+_OVERFLOW = b"overflow"
+_REPLAY_PAGE = 500
+_SEQ_PREFIX = b'{"seq":'
+
+
+class SlowConsumer(Exception):
+    """A client's bounded buffer filled up: it is disconnected and may resume by seq."""
+
+
+def envelope_seq(raw: bytes) -> int:
+    """The seq of envelope JSON produced by ``wrapper.protocol.encode_envelope`` (fast path:
+    the seq is always the first member); raises ValueError on anything else."""
+    if not raw.startswith(_SEQ_PREFIX):
+        raise ValueError("not an envelope")
+    end = raw.index(b",", len(_SEQ_PREFIX))
+    return int(raw[len(_SEQ_PREFIX) : end])
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One local follower of a session: a bounded queue of raw envelopes and markers."""
+
+    session_id: str
+    queue: asyncio.Queue[bytes] = field(default_factory=lambda: asyncio.Queue(maxsize=1000))
+    overflowed: bool = False
+
+    def deliver(self, raw: bytes) -> None:
+        """Queue without waiting; on a full queue mark the subscription overflowed."""
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(raw)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            self.queue.get_nowait()
+            self.queue.put_nowait(_OVERFLOW)
+
+
+@dataclass(eq=False)
+class _Channel:
+    subscribers: set[Subscription] = field(default_factory=set)
+    confirmed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class EventHub:
+    """The process's single pub/sub connection and its fan-out to local subscriptions."""
+
+    def __init__(self, client: aioredis.Redis, *, queue_size: int = 1000) -> None:
+        self._redis = client
+        self._pubsub = client.pubsub()
+        self._channels: dict[bytes, _Channel] = {}
+        self._queue_size = queue_size
+        self._task: asyncio.Task[None] | None = None
+        self._anchor = f"ccgate:hub:{socket.gethostname()}:{os.getpid()}".encode()
+
+    async def start(self) -> None:
+        """Start the reader (it opens the connection, anchored by a private channel)."""
+        self._task = asyncio.create_task(self._read(), name="event-hub")
+
+    async def close(self) -> None:
+        """Stop the reader and close the connection."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(RedisError, OSError):
+            await self._pubsub.aclose()
+
+    @property
+    def channel_count(self) -> int:
+        """Sessions currently subscribed by this process."""
+        return len(self._channels)
+
+    async def subscribe(self, session_id: str) -> Subscription:
+        """Follow a session; returns once Redis confirmed the subscription.
+
+        Raises DependencyUnavailable("redis", ...) when Redis does not answer in 5 s.
+        """
+        name = live_channel(session_id).encode()
+        sub = Subscription(session_id, asyncio.Queue(maxsize=self._queue_size))
+        channel = self._channels.get(name)
+        if channel is None:
+            channel = self._channels[name] = _Channel()
+            try:
+                await self._pubsub.subscribe(name)
+            except (RedisError, OSError) as exc:
+                self._channels.pop(name, None)
+                raise DependencyUnavailable("redis", str(exc)) from exc
+        channel.subscribers.add(sub)
+        try:
+            await asyncio.wait_for(channel.confirmed.wait(), 5)
+        except TimeoutError as exc:
+            await self.unsubscribe(sub)
+            raise DependencyUnavailable("redis", "subscription not confirmed in 5s") from exc
+        return sub
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        """Stop following; the channel is released when its last local follower leaves."""
+        name = live_channel(sub.session_id).encode()
+        channel = self._channels.get(name)
+        if channel is None:
+            return
+        channel.subscribers.discard(sub)
+        if not channel.subscribers:
+            del self._channels[name]
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.unsubscribe(name)
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                if not self._pubsub.subscribed:
+                    await self._pubsub.subscribe(self._anchor)
+                message = await self._pubsub.get_message(timeout=1.0)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                logger.warning("event hub: redis connection lost: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if message is None:
+                continue
+            kind = message["type"]
+            channel = self._channels.get(message["channel"])
+            if channel is None:
+                continue
+            if kind == "message":
+                for sub in list(channel.subscribers):
+                    sub.deliver(message["data"])
+            elif kind == "subscribe":
+                if channel.confirmed.is_set():
+                    # Re-subscribed after a reconnect: followers re-read the stream.
+                    for sub in list(channel.subscribers):
+                        sub.deliver(_RESYNC)
+                channel.confirmed.set()
+
+
+ArchiveReader = Callable[[str, int, int], Awaitable[list[bytes]]]
+"""(session_id, first_seq, last_seq) -> persisted envelopes in that range, in seq order."""
+
+
+async def read_stream(
+    client: aioredis.Redis, session_id: str, after_seq: int, count: int = _REPLAY_PAGE
+) -> list[bytes]:
+    """Up to ``count`` retained envelopes with seq > ``after_seq``, in order."""
+    try:
+        entries = await client.xrange(
+            events_key(session_id), min=f"({after_seq}-0" if after_seq else "-", count=count
+        )
+    except (RedisError, OSError) as exc:
+        raise DependencyUnavailable("redis", str(exc)) from exc
+    return [fields[ENVELOPE_FIELD.encode()] for _, fields in entries]
+
+
+async def first_retained_seq(client: aioredis.Redis, session_id: str) -> int | None:
+    """Seq of the oldest event still in the stream, or None when it is empty."""
+    try:
+        first = await client.xrange(events_key(session_id), count=1)
+    except (RedisError, OSError) as exc:
+        raise DependencyUnavailable("redis", str(exc)) from exc
+    return seq_of_stream_id(first[0][0]) if first else None
+
+
+def gap_marker(session_id: str, from_seq: int, to_seq: int) -> bytes:
+    """A non-envelope message telling a client that seqs from..to cannot be replayed."""
+    return (
+        f'{{"type":"gap","session_id":"{session_id}","from_seq":{from_seq},"to_seq":{to_seq}}}'
+    ).encode()
+
+
+async def follow_session(
+    hub: EventHub,
+    client: aioredis.Redis,
+    session_id: str,
+    *,
+    after_seq: int,
+    archive: ArchiveReader,
+) -> AsyncIterator[bytes]:
+    """Every event of a session with seq > ``after_seq``, exactly once, in order, forever.
+
+    Yields raw envelope JSON (bytes), plus a :func:`gap_marker` if a range is in neither Redis
+    nor the archive. Raises SlowConsumer when the caller fell a whole buffer behind, and
+    DependencyUnavailable("redis", ...) when Redis is down at the start.
+    """
+    sub = await hub.subscribe(session_id)
+    last = after_seq
+    try:
+
+        async def catch_up() -> AsyncIterator[bytes]:
+            nonlocal last
+            first = await first_retained_seq(client, session_id)
+            if first is not None and first > last + 1:
+                archived = await archive(session_id, last + 1, first - 1)
+                for raw in archived:
+                    seq = envelope_seq(raw)
+                    if seq == last + 1:
+                        yield raw
+                        last = seq
+                if last < first - 1:
+                    yield gap_marker(session_id, last + 1, first - 1)
+                    last = first - 1
+            while True:
+                page = await read_stream(client, session_id, last)
+                for raw in page:
+                    seq = envelope_seq(raw)
+                    if seq > last:
+                        yield raw
+                        last = seq
+                if len(page) < _REPLAY_PAGE:
+                    return
+
+        async for raw in catch_up():
+            yield raw
+        while True:
+            raw = await sub.queue.get()
+            if raw == _OVERFLOW:
+                raise SlowConsumer(f"client fell more than {sub.queue.maxsize} events behind")
+            if raw == _RESYNC:
+                async for replayed in catch_up():
+                    yield replayed
+                continue
+            seq = envelope_seq(raw)
+            if seq <= last:
+                continue
+            if seq > last + 1:
+                async for replayed in catch_up():
+                    yield replayed
+                continue
+            yield raw
+            last = seq
+    finally:
+        await hub.unsubscribe(sub)

@@ -1,0 +1,106 @@
+"""The runtime interface: what ccgate needs from a container engine, and nothing more."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+LABEL_MANAGED = "ccgate.managed"
+LABEL_SESSION = "ccgate.session_id"
+LABEL_OWNER = "ccgate.owner"
+
+
+class ContainerState(StrEnum):
+    """Coarse container state."""
+
+    RUNNING = "running"  # the main process is alive
+    EXITED = "exited"  # the main process ended (see exit_code)
+    OTHER = "other"  # created, restarting, paused, dead ...
+
+
+@dataclass(frozen=True)
+class VolumeMount:
+    """A named volume mounted at ``target`` inside the container."""
+
+    volume: str
+    target: str
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything needed to start one session container.
+
+    ``memory`` uses Docker's notation ("2g"); ``cpus`` is a fraction of cores; ``pids`` caps
+    processes. The container runs as ``user`` with every capability dropped and
+    no-new-privileges; ``extra_hosts`` maps names to addresses (``host-gateway`` allowed).
+    """
+
+    name: str
+    image: str
+    env: dict[str, str]
+    labels: dict[str, str]
+    mounts: list[VolumeMount]
+    network: str
+    memory: str
+    cpus: float
+    pids: int
+    user: str = "1000:1000"
+    extra_hosts: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """A container as the runtime sees it."""
+
+    id: str
+    name: str
+    state: ContainerState
+    labels: dict[str, str]
+    exit_code: int | None = None
+
+
+class ContainerRuntime(abc.ABC):
+    """Async container engine operations. Errors: DependencyUnavailable("docker", ...) when the
+    engine is unreachable, ContainerStartFailed when a container cannot be created or started."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise DependencyUnavailable unless the engine answers."""
+
+    @abc.abstractmethod
+    async def ensure_network(self, name: str) -> None:
+        """Create the sessions network if it does not exist (inter-container traffic off)."""
+
+    @abc.abstractmethod
+    async def create_volume(self, name: str, labels: dict[str, str]) -> None:
+        """Create a named volume (no-op when it exists)."""
+
+    @abc.abstractmethod
+    async def remove_volume(self, name: str) -> None:
+        """Remove a named volume; missing is fine."""
+
+    @abc.abstractmethod
+    async def start(self, spec: ContainerSpec) -> ContainerInfo:
+        """Create and start a container."""
+
+    @abc.abstractmethod
+    async def stop(self, container_id: str, *, timeout_s: int) -> None:
+        """SIGTERM, then SIGKILL after ``timeout_s``; missing is fine."""
+
+    @abc.abstractmethod
+    async def remove(self, container_id: str) -> None:
+        """Force-remove the container (and its anonymous volumes); missing is fine."""
+
+    @abc.abstractmethod
+    async def inspect(self, container_id: str) -> ContainerInfo | None:
+        """Current state, or None when the container does not exist."""
+
+    @abc.abstractmethod
+    async def list_managed(self) -> list[ContainerInfo]:
+        """Every container carrying the ``ccgate.managed`` label."""
+
+    @abc.abstractmethod
+    async def read_file(self, container_id: str, path: str, *, max_bytes: int) -> bytes:
+        """Contents of a regular file inside the container; raises FileNotFoundError, or
+        ValueError when it is larger than ``max_bytes``."""

@@ -1,0 +1,237 @@
+"""DockerRuntime: the runtime interface over the docker SDK; every SDK call runs in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import tarfile
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import docker
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.types import LogConfig
+from requests.exceptions import RequestException
+
+from gateway.errors import ContainerStartFailed, DependencyUnavailable
+from gateway.services.runtime.base import (
+    LABEL_MANAGED,
+    ContainerInfo,
+    ContainerRuntime,
+    ContainerSpec,
+    ContainerState,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_UNREACHABLE = (RequestException, ConnectionError, OSError)
+
+
+def _info(container: Any) -> ContainerInfo:
+    status = container.attrs.get("State", {})
+    raw = status.get("Status", container.status)
+    state = {"running": ContainerState.RUNNING, "exited": ContainerState.EXITED}.get(
+        raw, ContainerState.OTHER
+    )
+    return ContainerInfo(
+        id=container.id,
+        name=container.name,
+        state=state,
+        labels=dict(container.labels or {}),
+        exit_code=status.get("ExitCode") if state is ContainerState.EXITED else None,
+    )
+
+
+class DockerRuntime(ContainerRuntime):
+    """Containers on a Docker engine found through DOCKER_HOST or the default socket."""
+
+    def __init__(self, client: docker.DockerClient | None = None) -> None:
+        self._client = client
+
+    def _docker(self) -> docker.DockerClient:
+        if self._client is None:
+            self._client = docker.from_env(timeout=60)
+        return self._client
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return await asyncio.to_thread(fn)
+        except (APIError, NotFound):
+            raise
+        except (DockerException, *_UNREACHABLE) as exc:
+            raise DependencyUnavailable("docker", str(exc)) from exc
+
+    async def close(self) -> None:
+        """Close the SDK's HTTP connection pool."""
+        if self._client is not None:
+            await asyncio.to_thread(self._client.close)
+
+    async def ping(self) -> None:
+        """Raise DependencyUnavailable unless the engine answers."""
+        try:
+            await self._call(lambda: self._docker().ping())
+        except APIError as exc:
+            raise DependencyUnavailable("docker", str(exc)) from exc
+
+    async def ensure_network(self, name: str) -> None:
+        """Create the bridge network if missing, with inter-container traffic disabled."""
+
+        def _ensure() -> None:
+            client = self._docker()
+            if client.networks.list(names=[name]):
+                return
+            try:
+                client.networks.create(
+                    name,
+                    driver="bridge",
+                    labels={LABEL_MANAGED: "true"},
+                    options={"com.docker.network.bridge.enable_icc": "false"},
+                )
+            except APIError as exc:
+                if exc.status_code != 409:
+                    raise
+
+        try:
+            await self._call(_ensure)
+        except APIError as exc:
+            raise DependencyUnavailable("docker", f"network {name}: {exc}") from exc
+
+    async def create_volume(self, name: str, labels: dict[str, str]) -> None:
+        """Create a named volume (no-op when it exists)."""
+        try:
+            await self._call(lambda: self._docker().volumes.create(name=name, labels=labels))
+        except APIError as exc:
+            raise ContainerStartFailed(f"volume {name}: {exc.explanation or exc}") from exc
+
+    async def remove_volume(self, name: str) -> None:
+        """Remove a named volume; missing is fine. Retries while a just-removed container
+        still holds it."""
+
+        def _remove() -> None:
+            try:
+                self._docker().volumes.get(name).remove(force=True)
+            except NotFound:
+                return
+
+        for attempt in range(20):
+            try:
+                await self._call(_remove)
+                return
+            except APIError as exc:
+                if exc.status_code != 409 or attempt == 19:
+                    raise DependencyUnavailable("docker", f"volume {name}: {exc}") from exc
+                await asyncio.sleep(0.1)
+
+    async def start(self, spec: ContainerSpec) -> ContainerInfo:
+        """Create and start the session container with the hardening of the spec."""
+
+        def _run() -> ContainerInfo:
+            container = self._docker().containers.run(
+                spec.image,
+                name=spec.name,
+                detach=True,
+                environment=spec.env,
+                labels={**spec.labels, LABEL_MANAGED: "true"},
+                volumes={m.volume: {"bind": m.target, "mode": "rw"} for m in spec.mounts},
+                network=spec.network,
+                user=spec.user,
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges:true"],
+                mem_limit=spec.memory,
+                memswap_limit=spec.memory,
+                nano_cpus=int(spec.cpus * 1e9),
+                pids_limit=spec.pids,
+                extra_hosts=spec.extra_hosts,
+                log_config=LogConfig(
+                    type=LogConfig.types.JSON, config={"max-size": "10m", "max-file": "3"}
+                ),
+                stop_signal="SIGTERM",
+            )
+            container.reload()
+            return _info(container)
+
+        try:
+            return await self._call(_run)
+        except ImageNotFound as exc:
+            raise ContainerStartFailed(
+                f"image {spec.image} not found; build it with scripts/build-image.sh"
+            ) from exc
+        except APIError as exc:
+            raise ContainerStartFailed(str(exc.explanation or exc)) from exc
+
+    async def stop(self, container_id: str, *, timeout_s: int) -> None:
+        """SIGTERM, then SIGKILL after ``timeout_s``; missing is fine."""
+
+        def _stop() -> None:
+            try:
+                self._docker().containers.get(container_id).stop(timeout=timeout_s)
+            except NotFound:
+                return
+
+        try:
+            await self._call(_stop)
+        except APIError as exc:
+            raise DependencyUnavailable("docker", str(exc)) from exc
+
+    async def remove(self, container_id: str) -> None:
+        """Force-remove; missing is fine."""
+
+        def _remove() -> None:
+            try:
+                self._docker().containers.get(container_id).remove(force=True, v=True)
+            except NotFound:
+                return
+
+        try:
+            await self._call(_remove)
+        except APIError as exc:
+            if exc.status_code == 409:  # removal already in progress
+                return
+            raise DependencyUnavailable("docker", str(exc)) from exc
+
+    async def inspect(self, container_id: str) -> ContainerInfo | None:
+        """Current state, or None when the container does not exist."""
+
+        def _get() -> ContainerInfo | None:
+            try:
+                return _info(self._docker().containers.get(container_id))
+            except NotFound:
+                return None
+
+        return await self._call(_get)
+
+    async def list_managed(self) -> list[ContainerInfo]:
+        """Every ccgate container, running or not."""
+        containers = await self._call(
+            lambda: self._docker().containers.list(all=True, filters={"label": LABEL_MANAGED})
+        )
+        return [_info(c) for c in containers]
+
+    async def read_file(self, container_id: str, path: str, *, max_bytes: int) -> bytes:
+        """Read one regular file through the archive API (works on stopped containers too)."""
+
+        def _read() -> bytes:
+            try:
+                stream, stat = self._docker().containers.get(container_id).get_archive(path)
+            except NotFound as exc:
+                raise FileNotFoundError(path) from exc
+            if stat.get("size", 0) > max_bytes:
+                raise ValueError(f"{path} is {stat['size']} bytes (limit {max_bytes})")
+            buf = io.BytesIO()
+            for chunk in stream:
+                buf.write(chunk)
+                if buf.tell() > max_bytes + 1024 * 1024:
+                    raise ValueError(f"{path} exceeds {max_bytes} bytes")
+            buf.seek(0)
+            with tarfile.open(fileobj=buf) as tar:
+                member = next((m for m in tar.getmembers() if m.isfile()), None)
+                if member is None:
+                    raise FileNotFoundError(path)
+                extracted = tar.extractfile(member)
+                assert extracted is not None
+                return extracted.read()
+
+        return await self._call(_read)

@@ -1,0 +1,145 @@
+"""The gateway side of a session's Redis keys: spec, ACL user, input and control queues."""
+
+from __future__ import annotations
+
+import secrets
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from gateway.errors import DependencyUnavailable
+from wrapper.protocol import (
+    LEDGER_GROUP,
+    ControlMessage,
+    SessionSpec,
+    TurnRequest,
+    control_key,
+    events_key,
+    input_key,
+    live_channel,
+    redis_username,
+    session_prefix,
+    spec_key,
+)
+
+# What a session container may do: its own keys and channels, no admin or dangerous commands.
+_ACL_CATEGORIES = [
+    "-@all",
+    "+@read",
+    "+@write",
+    "+@stream",
+    "+@list",
+    "+@string",
+    "+@pubsub",
+    "+@connection",
+    "+@scripting",
+    "-@dangerous",
+    "-@admin",
+]
+
+
+def _redis_error(exc: Exception) -> DependencyUnavailable:
+    return DependencyUnavailable("redis", str(exc) or type(exc).__name__)
+
+
+async def provision(
+    client: aioredis.Redis, spec: SessionSpec, *, acl: bool
+) -> tuple[str | None, str | None]:
+    """Write the spec, create the ledger's consumer group and (``acl``) the session's ACL user.
+
+    Returns (username, password) for the container, or (None, None) without ACL.
+    Raises DependencyUnavailable("redis", ...).
+    """
+    sid = spec.session_id
+    try:
+        await client.set(spec_key(sid), spec.to_json())
+        await ensure_ledger_group(client, sid)
+        if not acl:
+            return None, None
+        username, password = redis_username(sid), secrets.token_urlsafe(24)
+        prefix = session_prefix(sid)
+        await client.acl_setuser(
+            username,
+            enabled=True,
+            reset=True,
+            passwords=[f"+{password}"],
+            keys=[f"{prefix}*"],
+            channels=[f"{prefix}*"],
+            categories=_ACL_CATEGORIES,
+        )
+        return username, password
+    except (RedisError, OSError) as exc:
+        raise _redis_error(exc) from exc
+
+
+async def ensure_ledger_group(client: aioredis.Redis, session_id: str) -> None:
+    """Create the ledger consumer group on the session's stream (from seq 0; idempotent)."""
+    try:
+        await client.xgroup_create(events_key(session_id), LEDGER_GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def revoke_access(client: aioredis.Redis, session_id: str) -> None:
+    """Delete the session's ACL user and disconnect its clients (the container is gone)."""
+    try:
+        await client.acl_deluser(redis_username(session_id))
+    except ResponseError:
+        pass
+    except (RedisError, OSError) as exc:
+        raise _redis_error(exc) from exc
+
+
+async def purge(client: aioredis.Redis, session_id: str) -> None:
+    """Delete every key of the session and its ACL user."""
+    await revoke_access(client, session_id)
+    try:
+        await client.delete(
+            spec_key(session_id),
+            input_key(session_id),
+            control_key(session_id),
+            events_key(session_id),
+        )
+    except (RedisError, OSError) as exc:
+        raise _redis_error(exc) from exc
+
+
+async def push_turn(client: aioredis.Redis, session_id: str, request: TurnRequest) -> None:
+    """Queue a prompt for the wrapper (RPUSH keeps arrival order)."""
+    try:
+        await client.rpush(input_key(session_id), request.to_json())
+    except (RedisError, OSError) as exc:
+        raise _redis_error(exc) from exc
+
+
+async def drain_turns(client: aioredis.Redis, session_id: str) -> list[TurnRequest]:
+    """Remove and return prompts the wrapper never took (the session is stopping)."""
+    try:
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.lrange(input_key(session_id), 0, -1)
+            pipe.delete(input_key(session_id))
+            raw, _ = await pipe.execute()
+    except (RedisError, OSError) as exc:
+        raise _redis_error(exc) from exc
+    return [TurnRequest.from_json(item) for item in raw]
+
+
+async def push_control(client: aioredis.Redis, session_id: str, message: ControlMessage) -> None:
+    """Send a control message (interrupt) to the wrapper."""
+    try:
+        await client.rpush(control_key(session_id), message.to_json())
+    except (RedisError, OSError) as exc:
+        raise _redis_error(exc) from exc
+
+
+__all__ = [
+    "drain_turns",
+    "ensure_ledger_group",
+    "live_channel",
+    "provision",
+    "purge",
+    "push_control",
+    "push_turn",
+    "revoke_access",
+]
