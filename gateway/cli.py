@@ -129,6 +129,12 @@ async def _chat(
                     break
                 if event.get("type") == "exited":
                     break
+        # The ledger records the result and collects artifacts just after turn_completed.
+        for _ in range(100):
+            r = await http.get(f"/api/v1/sessions/{session_id}/messages/{message_id}")
+            if r.status_code != 200 or r.json()["status"] not in ("queued", "running"):
+                break
+            await asyncio.sleep(0.1)
         r = await http.get(f"/api/v1/sessions/{session_id}/artifacts")
         for artifact in r.json().get("artifacts", []):
             click.echo(

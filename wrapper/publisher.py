@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from typing import cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -76,7 +77,8 @@ class EventPublisher:
         """Find the last seq in the stream, then start the sender task."""
         last = await self._redis.xrevrange(self._stream, count=1)
         if last:
-            self._last_seq = self._delivered_seq = seq_of_stream_id(last[0][0])
+            entry_id = cast(bytes, last[0][0])
+            self._last_seq = self._delivered_seq = seq_of_stream_id(entry_id)
         self._task = asyncio.create_task(self._run(), name="event-publisher")
 
     def emit(

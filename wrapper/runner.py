@@ -232,8 +232,9 @@ class SessionRunner:
         self._control_waiters[request_id] = waiter
         try:
             await self._cli.write(line)
+            pending: set[asyncio.Future[Any]] = {waiter, self._pump}
             done, _ = await asyncio.wait(
-                {waiter, self._pump}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+                pending, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
             )
             if waiter in done:
                 return waiter.result()

@@ -32,7 +32,7 @@ async def health(request: Request, response: Response) -> HealthPublic:
 
     async def database() -> None:
         async with state.db_factory() as db:
-            await db.exec(text("SELECT 1"))  # type: ignore[call-overload]
+            await db.exec(text("SELECT 1"))
 
     names = ("database", "redis", "storage", "docker")
     results = await asyncio.gather(

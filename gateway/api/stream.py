@@ -127,18 +127,20 @@ async def session_stream(websocket: WebSocket, session_id: str) -> None:
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
-            exc = task.exception()
-            if isinstance(exc, SlowConsumer):
-                await websocket.close(code=CLOSE_SLOW_CONSUMER, reason=str(exc)[:120])
-            elif isinstance(exc, GatewayError):
-                await websocket.close(code=CLOSE_DEPENDENCY, reason=exc.message[:120])
-            elif exc is not None and not isinstance(exc, WebSocketDisconnect | RuntimeError):
-                raise exc
+            failure = task.exception()
+            if isinstance(failure, SlowConsumer):
+                await websocket.close(code=CLOSE_SLOW_CONSUMER, reason=str(failure)[:120])
+            elif isinstance(failure, GatewayError):
+                await websocket.close(code=CLOSE_DEPENDENCY, reason=failure.message[:120])
+            elif failure is not None and not isinstance(
+                failure, WebSocketDisconnect | RuntimeError
+            ):
+                raise failure
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
             await websocket.close()
 
 

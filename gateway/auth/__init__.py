@@ -1,4 +1,4 @@
-"""Authentication: HS256 JWT bearer tokens whose ``sub`` is the owner of everything a user creates."""
+"""Authentication: HS256 JWT bearer tokens; the ``sub`` claim owns everything a user creates."""
 
 from gateway.auth.tokens import InvalidToken, Principal, decode_token, mint_token
 

@@ -22,6 +22,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -100,7 +101,7 @@ class EventHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.aclose()
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     @property
     def channel_count(self) -> int:
@@ -178,8 +179,11 @@ async def read_stream(
 ) -> list[bytes]:
     """Up to ``count`` retained envelopes with seq > ``after_seq``, in order."""
     try:
-        entries = await client.xrange(
-            events_key(session_id), min=f"({after_seq}-0" if after_seq else "-", count=count
+        entries = cast(
+            list[tuple[bytes, dict[bytes, bytes]]],
+            await client.xrange(
+                events_key(session_id), min=f"({after_seq}-0" if after_seq else "-", count=count
+            ),
         )
     except (RedisError, OSError) as exc:
         raise DependencyUnavailable("redis", str(exc)) from exc
@@ -189,7 +193,10 @@ async def read_stream(
 async def first_retained_seq(client: aioredis.Redis, session_id: str) -> int | None:
     """Seq of the oldest event still in the stream, or None when it is empty."""
     try:
-        first = await client.xrange(events_key(session_id), count=1)
+        first = cast(
+            list[tuple[bytes, dict[bytes, bytes]]],
+            await client.xrange(events_key(session_id), count=1),
+        )
     except (RedisError, OSError) as exc:
         raise DependencyUnavailable("redis", str(exc)) from exc
     return seq_of_stream_id(first[0][0]) if first else None

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
@@ -34,7 +35,16 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.config import Settings
-from gateway.db.models import Artifact, Event, Session, SessionStatus, Turn, TurnStatus, utcnow
+from gateway.db.models import (
+    Artifact,
+    Event,
+    Session,
+    SessionStatus,
+    Turn,
+    TurnStatus,
+    as_utc,
+    utcnow,
+)
 from gateway.errors import GatewayError
 from gateway.services.artifacts import ArtifactStore, safe_relative_path
 from gateway.services.runtime import ContainerRuntime
@@ -124,7 +134,7 @@ class Ledger:
             wanted = {
                 sid
                 for sid, status, last in rows.all()
-                if status.live or (last is not None and _ts(last) > cutoff)
+                if SessionStatus(status).live or _ts(last) > cutoff
             }
         for sid in wanted:
             self._tracked.setdefault(sid, "0")
@@ -168,12 +178,17 @@ class Ledger:
     async def _read_once(self) -> None:
         streams = {events_key(sid): read_id for sid, read_id in self._tracked.items()}
         block = None if any(v == "0" for v in streams.values()) else _BLOCK_MS
-        reply = await self._redis.xreadgroup(
-            LEDGER_GROUP, self._consumer, streams, count=200, block=block
+        raw_reply = await self._redis.xreadgroup(
+            LEDGER_GROUP,
+            self._consumer,
+            streams,  # type: ignore[arg-type]
+            count=200,
+            block=block,
         )
+        reply = cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None, raw_reply)
         seen_pending = {sid for sid, read_id in self._tracked.items() if read_id == "0"}
         for stream, entries in reply or []:
-            sid = (stream.decode() if isinstance(stream, bytes) else stream).split(":")[2]
+            sid = stream.decode().split(":")[2]
             if sid in seen_pending and entries:
                 seen_pending.discard(sid)  # more pending may follow: read "0" again
             for entry_id, fields in entries:
@@ -337,8 +352,6 @@ class Ledger:
                 problems.append(f"artifact {path}: {exc}")
                 continue
             await self._store.put(session.id, path, blob)
-            import hashlib
-
             existing = await db.get(Artifact, (session.id, path))
             artifact = existing or Artifact(session_id=session.id, path=path, size=0, sha256="")
             artifact.size = len(blob)
@@ -350,7 +363,5 @@ class Ledger:
 
 
 def _ts(value: Any) -> float:
-    from gateway.db.models import as_utc
-
     aware = as_utc(value)
     return aware.timestamp() if aware is not None else 0.0

@@ -211,7 +211,7 @@ class SessionService:
         with contextlib.suppress(Exception):
             await session_redis.purge(self.redis, session.id)
         with contextlib.suppress(Exception):
-            await db.exec(delete(Session).where(col(Session.id) == session.id))  # type: ignore[call-overload]
+            await db.exec(delete(Session).where(col(Session.id) == session.id))
             await db.commit()
 
     async def _remove_resources(
@@ -279,7 +279,8 @@ class SessionService:
                 if current is None:
                     raise NotFound(f"message {turn.id} not found")
                 if current.status.final:
-                    return current
+                    done: Turn = current
+                    return done
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise TurnTimeout(
@@ -352,7 +353,7 @@ class SessionService:
         await session_redis.purge(self.redis, session.id)
         await self.store.delete_session(session.id)
         for table in (Event, Artifact, Turn):
-            await db.exec(delete(table).where(col(table.session_id) == session.id))  # type: ignore[call-overload]
+            await db.exec(delete(table).where(col(table.session_id) == session.id))
         children = await db.exec(select(Session).where(Session.parent_session_id == session.id))
         for child in children.all():
             child.parent_session_id = None

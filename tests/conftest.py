@@ -1,0 +1,156 @@
+"""Shared fixtures: real servers once per run, gateways, users with tokens, Docker cleanup."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+import pytest
+
+from gateway.auth import mint_token
+from gateway.config import Settings
+from gateway.scripted_model import ScriptedModelServer
+from tests.servers import GatewayServer, PostgresServer, RedisServer, S3Server
+
+IMAGE = "ccgate-session:latest"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server for the whole run."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL cluster for the whole run."""
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3-compatible server (moto) for the whole run."""
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def scripted_model() -> Iterator[ScriptedModelServer]:
+    """The scripted Messages API, reachable from containers (binds 0.0.0.0)."""
+    server = ScriptedModelServer(host="0.0.0.0", port=0).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    """The Docker engine; fails loudly when it or the session image is missing."""
+    client = docker.from_env()
+    try:
+        client.ping()
+    except Exception as exc:
+        raise RuntimeError("no Docker engine: run scripts/setup.sh (starts dockerd)") from exc
+    try:
+        client.images.get(IMAGE)
+    except docker.errors.ImageNotFound as exc:
+        raise RuntimeError(f"{IMAGE} is missing: run scripts/build-image.sh") from exc
+    yield client
+    client.close()
+
+
+def make_settings(tmp: Path, **overrides: Any) -> Settings:
+    """Gateway settings isolated in ``tmp``."""
+    base: dict[str, Any] = {
+        "data_dir": tmp,
+        "jwt_secret": secrets.token_urlsafe(32),
+        "stop_timeout_s": 10,
+        "image": IMAGE,
+    }
+    base.update(overrides)
+    return Settings(**base)
+
+
+class Api:
+    """An httpx client logged in as one user."""
+
+    def __init__(self, gateway: GatewayServer, user: str) -> None:
+        self.user = user
+        self.token = mint_token(key=gateway.app.state.jwt_key, user=user, ttl_s=3600)
+        self.gateway = gateway
+        self.http = httpx.AsyncClient(
+            base_url=gateway.url,
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=120,
+        )
+
+    def stream_url(self, session_id: str, after_seq: int = 0) -> str:
+        """WebSocket URL of a session's stream (token in the query)."""
+        return (
+            f"{self.gateway.ws_url}/api/v1/sessions/{session_id}/stream"
+            f"?after_seq={after_seq}&token={self.token}"
+        )
+
+
+@pytest.fixture(scope="session")
+def e2e_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: RedisServer,
+    postgres_server: PostgresServer,
+    s3_server: S3Server,
+    scripted_model: ScriptedModelServer,
+    docker_client: docker.DockerClient,
+) -> Iterator[GatewayServer]:
+    """The gateway on PostgreSQL + S3 + Redis + Docker with the scripted model."""
+    settings = make_settings(
+        tmp_path_factory.mktemp("gw-e2e"),
+        database_url=postgres_server.url,
+        redis_url=redis_server.url,
+        s3_endpoint=s3_server.endpoint,
+        s3_access_key=s3_server.access_key,
+        s3_secret_key=s3_server.secret_key,
+        anthropic_base_url=f"http://host.docker.internal:{scripted_model.port}",
+        anthropic_api_key="sk-ant-scripted",
+        container_memory="1g",
+    )
+    gateway = GatewayServer(settings).start()
+    yield gateway
+    gateway.stop()
+    _remove_test_containers(docker_client)
+
+
+def _remove_test_containers(client: docker.DockerClient) -> None:
+    """Remove whatever a failed test left behind (owners of test users start with 'test-')."""
+    for container in client.containers.list(all=True, filters={"label": "ccgate.managed"}):
+        if container.labels.get("ccgate.owner", "").startswith("test-"):
+            container.remove(force=True)
+    for volume in client.volumes.list(filters={"label": "ccgate.owner"}):
+        if volume.attrs.get("Labels", {}).get("ccgate.owner", "").startswith("test-"):
+            volume.remove(force=True)
+
+
+@pytest.fixture
+async def make_api(e2e_gateway: GatewayServer) -> AsyncIterator[Callable[[], Api]]:
+    """Factory of users (``test-<random>``) logged in to the e2e gateway."""
+    made: list[Api] = []
+
+    def _make() -> Api:
+        api = Api(e2e_gateway, f"test-{uuid.uuid4().hex[:8]}")
+        made.append(api)
+        return api
+
+    yield _make
+    for api in made:
+        listing = await api.http.get("/api/v1/sessions", params={"limit": 500})
+        for session in listing.json().get("sessions", []):
+            await api.http.delete(f"/api/v1/sessions/{session['session_id']}")
+        await api.http.aclose()

@@ -1,0 +1,230 @@
+"""Real servers for tests: Redis, PostgreSQL, an S3-compatible server, and the gateway itself.
+
+Each is a real process on this machine (no image registry is reachable here, so they run from
+the packages .ci/run installs rather than from testcontainers images). Redis binds 0.0.0.0 with a
+password so session containers can reach it through host.docker.internal.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+
+from gateway.config import Settings
+
+
+def free_port() -> int:
+    """An unused TCP port on this machine."""
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], *, timeout_s: float, what: str) -> None:
+    """Poll ``check`` every 50 ms until it is true; raise RuntimeError naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not come up in {timeout_s:g}s")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def require_binary(name: str, *extra_dirs: str) -> str:
+    """Absolute path of a program, or a loud failure saying how to install it."""
+    path = shutil.which(name)
+    for directory in extra_dirs:
+        candidate = Path(directory) / name
+        if path is None and candidate.exists():
+            path = str(candidate)
+    if path is None:
+        raise RuntimeError(f"{name} is not installed: run scripts/setup.sh (or bash .ci/run)")
+    return path
+
+
+@dataclass
+class RedisServer:
+    """A redis-server process with a password, restartable on the same port."""
+
+    port: int = field(default_factory=free_port)
+    password: str = "ccgate-test"
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """URL for the gateway (loopback)."""
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        """Start and wait for PING."""
+        binary = require_binary("redis-server")
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port", str(self.port),
+                "--bind", "0.0.0.0",
+                "--requirepass", self.password,
+                "--save", "",
+                "--appendonly", "no",
+                "--protected-mode", "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_until(lambda: _port_open(self.port), timeout_s=10, what="redis-server")
+        return self
+
+    def stop(self) -> None:
+        """Stop the process (data is lost: no persistence)."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@dataclass
+class PostgresServer:
+    """A throwaway PostgreSQL cluster (initdb in a temp dir), run as a non-root user."""
+
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    datadir: str = ""
+
+    @property
+    def url(self) -> str:
+        """asyncpg URL (trust auth on loopback)."""
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> PostgresServer:
+        """initdb, start, wait for the port."""
+        pg_dirs = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+        extra = [str(d) for d in pg_dirs]
+        initdb = require_binary("initdb", *extra)
+        postgres = require_binary("postgres", *extra)
+        user = None
+        if os.geteuid() == 0:
+            user = "ccgate-pg"
+            try:
+                pwd.getpwnam(user)
+            except KeyError:
+                subprocess.run(["useradd", "--system", "--no-create-home", user], check=True)
+        root = tempfile.mkdtemp(prefix="ccgate-pg-")
+        self.datadir = os.path.join(root, "data")
+        if user is not None:
+            shutil.chown(root, user)
+        subprocess.run(
+            [initdb, "-D", self.datadir, "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            user=user,
+        )
+        self.proc = subprocess.Popen(
+            [
+                postgres, "-D", self.datadir, "-p", str(self.port), "-k", root,
+                "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            user=user,
+        )  # fmt: skip
+        wait_until(lambda: _port_open(self.port), timeout_s=30, what="postgres")
+        time.sleep(0.3)
+        return self
+
+    def stop(self) -> None:
+        """Stop and delete the cluster."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+            self.proc = None
+        shutil.rmtree(os.path.dirname(self.datadir), ignore_errors=True)
+
+
+@dataclass
+class S3Server:
+    """moto's S3-compatible server (the stand-in for MinIO on these machines)."""
+
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    access_key: str = "test-access"
+    secret_key: str = "test-secret"
+
+    @property
+    def endpoint(self) -> str:
+        """host:port for the minio SDK."""
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> S3Server:
+        """Start moto_server and wait for the port."""
+        binary = require_binary("moto_server", str(Path(os.sys.executable).parent))
+        self.proc = subprocess.Popen(
+            [binary, "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: _port_open(self.port), timeout_s=30, what="moto_server")
+        return self
+
+    def stop(self) -> None:
+        """Stop the server."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+class GatewayServer:
+    """The real gateway app under uvicorn in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        from gateway.main import create_app
+
+        self.settings = settings
+        self.port = free_port()
+        self.app = create_app(settings)
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", ws_max_size=1 << 26
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="gateway", daemon=True)
+
+    @property
+    def url(self) -> str:
+        """http://127.0.0.1:PORT"""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        """ws://127.0.0.1:PORT"""
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self) -> GatewayServer:
+        """Start and wait until it serves."""
+        self._thread.start()
+        wait_until(lambda: self._server.started, timeout_s=60, what="gateway")
+        return self
+
+    def stop(self) -> None:
+        """Graceful shutdown (runs the lifespan's close)."""
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
