@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     jwt_secret_file: Path | None = None
     token_ttl_s: int = 24 * 3600
 
+    docker_host: str | None = None
+    """Docker engine URL; default: DOCKER_HOST or the local socket."""
     image: str = "ccgate-session:latest"
     docker_network: str = "ccgate-sessions"
     container_memory: str = "2g"

@@ -11,6 +11,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.auth import InvalidToken, Principal, decode_token
 from gateway.db.models import Session
+from gateway.errors import DependencyUnavailable
 from gateway.services.sessions import SessionService
 
 _bearer = HTTPBearer(auto_error=False)
@@ -21,9 +22,17 @@ class Unauthorized(Exception):
 
 
 async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
-    """One database handle per request."""
+    """One database handle per request.
+
+    The driver's own connection failures (asyncpg raises ConnectionRefusedError, not a
+    SQLAlchemy error) become DependencyUnavailable("database"); other dependencies translate
+    their OSErrors themselves before they get here.
+    """
     async with request.app.state.db_factory() as db:
-        yield db
+        try:
+            yield db
+        except (ConnectionError, TimeoutError) as exc:
+            raise DependencyUnavailable("database", str(exc) or type(exc).__name__) from exc
 
 
 def get_service(request: Request) -> SessionService:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 import uuid
@@ -97,14 +98,19 @@ def _user_prompt(message: dict[str, Any]) -> str | None:
     return texts[-1].strip() if texts else None
 
 
+_REMINDER = re.compile(r"<system-reminder>.*?</system-reminder>", re.DOTALL)
+
+
 def _tool_results(message: dict[str, Any]) -> list[str]:
+    """Tool outputs in a message, without the CLI's injected system reminders."""
     out: list[str] = []
     content = message.get("content")
     if isinstance(content, list):
         for block in content:
             if isinstance(block, dict) and block.get("type") == "tool_result":
                 inner = block.get("content")
-                out.append(inner if isinstance(inner, str) else " ".join(_text_of(inner)))
+                text = inner if isinstance(inner, str) else " ".join(_text_of(inner))
+                out.append(_REMINDER.sub("", text).strip())
     return out
 
 

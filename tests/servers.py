@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -152,9 +153,9 @@ class PostgresServer:
         return self
 
     def stop(self) -> None:
-        """Stop and delete the cluster."""
+        """Stop (fast shutdown: clients are disconnected) and delete the cluster."""
         if self.proc is not None:
-            self.proc.terminate()
+            self.proc.send_signal(signal.SIGINT)
             self.proc.wait(timeout=30)
             self.proc = None
         shutil.rmtree(os.path.dirname(self.datadir), ignore_errors=True)

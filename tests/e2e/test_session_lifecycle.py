@@ -129,7 +129,9 @@ async def test_session_streams_two_turns_keeps_memory_collects_artifacts_and_cle
     assert r.status_code == 200 and r.json()["status"] == "stopped"
     with pytest.raises(docker.errors.NotFound):
         docker_client.containers.get(created["container_id"])
-    volumes = {v.name for v in docker_client.volumes.list(filters={"label": f"ccgate.session_id={sid}"})}
+    volumes = {
+        v.name for v in docker_client.volumes.list(filters={"label": f"ccgate.session_id={sid}"})
+    }
     assert volumes == {f"ccgate-ws-{sid}", f"ccgate-cfg-{sid}"}
     r = await alice.http.post(f"/api/v1/sessions/{sid}/chat", json={"prompt": "again"})
     assert r.status_code == 409
@@ -139,9 +141,13 @@ async def test_session_streams_two_turns_keeps_memory_collects_artifacts_and_cle
     r = await alice.http.delete(f"/api/v1/sessions/{sid}")
     assert r.status_code == 204
     assert docker_client.volumes.list(filters={"label": f"ccgate.session_id={sid}"}) == []
-    assert docker_client.containers.list(all=True, filters={"label": f"ccgate.session_id={sid}"}) == []
+    assert (
+        docker_client.containers.list(all=True, filters={"label": f"ccgate.session_id={sid}"}) == []
+    )
     assert (await alice.http.get(f"/api/v1/sessions/{sid}")).status_code == 404
-    assert (await alice.http.get(f"/api/v1/sessions/{sid}/artifacts/report/out.txt")).status_code == 404
+    assert (
+        await alice.http.get(f"/api/v1/sessions/{sid}/artifacts/report/out.txt")
+    ).status_code == 404
 
 
 async def test_websocket_accepts_prompts_pings_and_the_bearer_subprotocol(make_api: Any) -> None:

@@ -48,12 +48,16 @@ def _info(container: Any) -> ContainerInfo:
 class DockerRuntime(ContainerRuntime):
     """Containers on a Docker engine found through DOCKER_HOST or the default socket."""
 
-    def __init__(self, client: docker.DockerClient | None = None) -> None:
-        self._client = client
+    def __init__(self, base_url: str | None = None) -> None:
+        self._base_url = base_url
+        self._client: docker.DockerClient | None = None
 
     def _docker(self) -> docker.DockerClient:
         if self._client is None:
-            self._client = docker.from_env(timeout=60)
+            if self._base_url:
+                self._client = docker.DockerClient(base_url=self._base_url, timeout=60)
+            else:
+                self._client = docker.from_env(timeout=60)
         return self._client
 
     async def _call(self, fn: Callable[[], T]) -> T:
@@ -129,10 +133,9 @@ class DockerRuntime(ContainerRuntime):
         """Create and start the session container with the hardening of the spec."""
 
         def _run() -> ContainerInfo:
-            container = self._docker().containers.run(
+            container = self._docker().containers.create(
                 spec.image,
                 name=spec.name,
-                detach=True,
                 environment=spec.env,
                 labels={**spec.labels, LABEL_MANAGED: "true"},
                 volumes={m.volume: {"bind": m.target, "mode": "rw"} for m in spec.mounts},
@@ -150,7 +153,12 @@ class DockerRuntime(ContainerRuntime):
                 ),
                 stop_signal="SIGTERM",
             )
-            container.reload()
+            try:
+                container.start()
+                container.reload()
+            except BaseException:
+                container.remove(force=True)
+                raise
             return _info(container)
 
         try:
