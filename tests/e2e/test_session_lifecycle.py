@@ -1,4 +1,4 @@
-"""A whole session with the real CLI in the real image: stream, turns, memory, artifacts, cleanup."""
+"""A whole session with the real CLI in the real image: stream, turns, memory, artifacts."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ async def test_session_streams_two_turns_keeps_memory_collects_artifacts_and_cle
     last_seen = seqs[-1] - 3
     async with connect(alice.stream_url(sid, after_seq=last_seen), max_size=None) as ws:
         replay = await collect_until(ws, turn_done(second["message_id"]))
-    assert [e["seq"] for e in replay][0] == last_seen + 1
+    assert replay[0]["seq"] == last_seen + 1
     assert [e["seq"] for e in replay] == list(range(last_seen + 1, last_seen + 1 + len(replay)))
 
     # Another user sees none of it.
