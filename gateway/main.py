@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
+import urllib3
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from minio import Minio
@@ -38,6 +39,13 @@ def make_store(settings: Settings) -> ArtifactStore:
         secret_key=settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None,
         secure=settings.s3_secure,
         region=settings.s3_region,
+        http_client=urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=3, read=60),
+            retries=urllib3.Retry(
+                total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)
+            ),
+            maxsize=20,
+        ),
     )
     return S3ArtifactStore(client, settings.s3_bucket)
 

@@ -89,9 +89,17 @@ class EventHub:
         self._queue_size = queue_size
         self._task: asyncio.Task[None] | None = None
         self._anchor = f"ccgate:hub:{socket.gethostname()}:{os.getpid()}".encode()
+        # Serialises (un)subscribe calls: concurrent ones could each open a connection.
+        self._lock = asyncio.Lock()
 
     async def start(self) -> None:
-        """Start the reader (it opens the connection, anchored by a private channel)."""
+        """Open the connection (anchored by a private channel) and start the reader.
+
+        If Redis is down now, the reader keeps retrying; /health reports it meanwhile.
+        """
+        with contextlib.suppress(RedisError, OSError):
+            async with self._lock:
+                await self._pubsub.subscribe(self._anchor)
         self._task = asyncio.create_task(self._read(), name="event-hub")
 
     async def close(self) -> None:
@@ -119,7 +127,8 @@ class EventHub:
         if channel is None:
             channel = self._channels[name] = _Channel()
             try:
-                await self._pubsub.subscribe(name)
+                async with self._lock:
+                    await self._pubsub.subscribe(name)
             except (RedisError, OSError) as exc:
                 self._channels.pop(name, None)
                 raise DependencyUnavailable("redis", str(exc)) from exc
@@ -141,13 +150,15 @@ class EventHub:
         if not channel.subscribers:
             del self._channels[name]
             with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.unsubscribe(name)
+                async with self._lock:
+                    await self._pubsub.unsubscribe(name)
 
     async def _read(self) -> None:
         while True:
             try:
                 if not self._pubsub.subscribed:
-                    await self._pubsub.subscribe(self._anchor)
+                    async with self._lock:
+                        await self._pubsub.subscribe(self._anchor)
                 message = await self._pubsub.get_message(timeout=1.0)
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 logger.warning("event hub: redis connection lost: %s", exc)
@@ -234,9 +245,12 @@ async def follow_session(
                 archived = await archive(session_id, last + 1, first - 1)
                 for raw in archived:
                     seq = envelope_seq(raw)
-                    if seq == last + 1:
-                        yield raw
-                        last = seq
+                    if seq <= last:
+                        continue
+                    if seq > last + 1:
+                        yield gap_marker(session_id, last + 1, seq - 1)
+                    yield raw
+                    last = seq
                 if last < first - 1:
                     yield gap_marker(session_id, last + 1, first - 1)
                     last = first - 1

@@ -1,0 +1,84 @@
+"""The wrapper's publisher against a real Redis: seq, stream ids, pub/sub, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import redis.asyncio as aioredis
+
+from tests.servers import RedisServer
+from wrapper.protocol import EventSource, events_key, live_channel
+from wrapper.publisher import EventPublisher
+
+
+async def test_events_get_consecutive_seqs_stream_ids_and_live_copies(
+    redis_server: RedisServer,
+) -> None:
+    sid = str(uuid.uuid4())
+    client = aioredis.Redis.from_url(redis_server.url)
+    pubsub = client.pubsub()
+    await pubsub.subscribe(live_channel(sid))
+    publisher = EventPublisher(client, sid, stream_maxlen=1000)
+    await publisher.start()
+    for n in range(50):
+        publisher.emit("assistant", json.dumps({"n": n}), source=EventSource.CLI, turn_id="t")
+    assert await publisher.flush(5)
+    entries = await client.xrange(events_key(sid))
+    assert [e[0] for e in entries] == [f"{n}-0".encode() for n in range(1, 51)]
+    live = []
+    while len(live) < 50:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+        if message:
+            live.append(json.loads(message["data"])["seq"])
+    assert live == list(range(1, 51))
+    await publisher.close(1)
+
+    # A new publisher (restarted wrapper) continues after the last seq.
+    again = EventPublisher(client, sid, stream_maxlen=1000)
+    await again.start()
+    assert again.emit("ready", "{}", source=EventSource.WRAPPER, turn_id=None) == 51
+    await again.close(5)
+    await pubsub.aclose()
+    await client.aclose()
+
+
+async def test_events_survive_a_redis_outage_in_order_without_duplicates() -> None:
+    server = RedisServer().start()
+    sid = str(uuid.uuid4())
+    client = aioredis.Redis.from_url(server.url, socket_connect_timeout=1)
+    publisher = EventPublisher(client, sid, stream_maxlen=1000)
+    await publisher.start()
+    publisher.emit("a", "{}", source=EventSource.CLI, turn_id=None)
+    assert await publisher.flush(5)
+    server.stop()
+    for n in range(20):  # the CLI keeps talking while Redis is down
+        publisher.emit("b", json.dumps({"n": n}), source=EventSource.CLI, turn_id=None)
+    assert not await publisher.flush(1)
+    server.proc = None
+    restarted = RedisServer(port=server.port, password=server.password).start()
+    try:
+        # Redis came back empty (no persistence): the seqs after the outage still arrive in order.
+        assert await publisher.flush(15)
+        entries = await client.xrange(events_key(sid))
+        assert [int(e[0].split(b"-")[0]) for e in entries] == list(range(2, 22))
+    finally:
+        await publisher.close(1)
+        await client.aclose()
+        restarted.stop()
+
+
+async def test_a_resent_event_is_not_appended_or_published_twice(redis_server: RedisServer) -> None:
+    sid = str(uuid.uuid4())
+    client = aioredis.Redis.from_url(redis_server.url)
+    publisher = EventPublisher(client, sid, stream_maxlen=1000)
+    await publisher.start()
+    publisher.emit("a", "{}", source=EventSource.CLI, turn_id=None)
+    assert await publisher.flush(5)
+    await publisher._send([(1, '{"seq":1,"dup":true}')])  # a retry after a lost reply
+    entries = await client.xrange(events_key(sid))
+    assert len(entries) == 1 and b"dup" not in entries[0][1][b"e"]
+    await publisher.close(1)
+    await client.aclose()
+    await asyncio.sleep(0)
