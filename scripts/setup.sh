@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Prepare this machine for ccgate (idempotent; Debian 12 / Ubuntu 24.04, as root):
+#   - Docker engine (docker.io) if absent, started without systemd when needed
+#   - redis-server, PostgreSQL server programs, debootstrap (for the registry-less image build)
+#   - a Python >= 3.11 virtualenv in .venv with ccgate and its test tools
+#   - the session image (scripts/build-image.sh; cached layers make reruns fast)
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+log() { echo "setup: $*" >&2; }
+die() { echo "setup: ERROR: $*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root (it installs packages and starts dockerd)"
+
+# --- packages ---------------------------------------------------------------------------
+need=()
+command -v dockerd >/dev/null || need+=(docker.io)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  need+=(postgresql)
+fi
+python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
+command -v python3 >/dev/null || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+command -v dockerd >/dev/null || die "dockerd is still missing after installing docker.io"
+
+# --- Docker engine ----------------------------------------------------------------------
+if ! docker info >/dev/null 2>&1; then
+  if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+    systemctl start docker || true
+  fi
+fi
+if ! docker info >/dev/null 2>&1; then
+  log "starting dockerd (log: /var/log/ccgate-dockerd.log)"
+  nohup dockerd >/var/log/ccgate-dockerd.log 2>&1 &
+  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+fi
+docker info >/dev/null 2>&1 || die "the Docker engine did not start; see /var/log/ccgate-dockerd.log"
+
+# --- Python environment -----------------------------------------------------------------
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || die "Python >= 3.11 is required (found $(python3 --version))"
+stamp=.venv/.ccgate-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  log "installing ccgate into .venv"
+  python3 -m venv .venv
+  .venv/bin/pip install -q -e '.[dev]'
+  echo "$want" > "$stamp"
+fi
+
+# --- Session image ----------------------------------------------------------------------
+bash scripts/build-image.sh
+log "ready"
