@@ -155,7 +155,7 @@ class Ledger:
             except asyncio.CancelledError:
                 raise
             except ResponseError as exc:
-                if "NOGROUP" in str(exc):
+                if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
                     await self._repair_groups()
                 else:
                     logger.exception("ledger: redis error")
@@ -168,12 +168,21 @@ class Ledger:
                 await asyncio.sleep(0.5)
 
     async def _repair_groups(self) -> None:
-        """A stream lost its group (deleted session, or Redis restarted empty): re-check."""
-        self._refreshed_at = 0.0
+        """A stream or its group vanished (session deleted, or Redis restarted empty).
+
+        Streams of live sessions get their group back; others are no longer read, so a
+        deleted session's stream is never re-created.
+        """
         await self._refresh()
+        async with self._db() as db:
+            rows = await db.exec(select(Session.id, Session.status))
+            live = {sid for sid, status in rows.all() if SessionStatus(status).live}
         for sid in list(self._tracked):
-            with contextlib.suppress(RedisError):
-                await ensure_ledger_group(self._redis, sid)
+            if sid in live:
+                with contextlib.suppress(RedisError):
+                    await ensure_ledger_group(self._redis, sid)
+            elif not await self._redis.exists(events_key(sid)):
+                self._tracked.pop(sid, None)
 
     async def _read_once(self) -> None:
         streams = {events_key(sid): read_id for sid, read_id in self._tracked.items()}

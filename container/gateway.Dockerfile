@@ -1,0 +1,10 @@
+# The ccgate gateway (for docker-compose.yml). Session containers use container/Dockerfile.
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md LICENSE ./
+COPY gateway ./gateway
+COPY wrapper ./wrapper
+RUN pip install --no-cache-dir . && useradd --system --uid 10001 ccgate
+ENV CCGATE_HOST=0.0.0.0 CCGATE_DATA_DIR=/var/lib/ccgate
+EXPOSE 8000
+CMD ["ccgate", "serve"]
