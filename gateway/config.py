@@ -79,6 +79,9 @@ class Settings(BaseSettings):
         default_factory=lambda: {"host.docker.internal": "host-gateway"}
     )
     stop_timeout_s: int = 15
+    reaper_interval_s: float = 15.0
+    reaper_grace_s: float = 45.0
+    """A live session whose container is gone is failed only after this long without activity."""
     stream_maxlen: int = 10_000
 
     anthropic_base_url: str | None = None

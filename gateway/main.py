@@ -23,6 +23,7 @@ from gateway.errors import DependencyUnavailable, GatewayError
 from gateway.services.artifacts import ArtifactStore, LocalArtifactStore, S3ArtifactStore
 from gateway.services.events import EventHub
 from gateway.services.ledger import Ledger
+from gateway.services.reaper import Reaper
 from gateway.services.runtime.docker import DockerRuntime
 from gateway.services.sessions import SessionService
 
@@ -85,6 +86,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings=settings, redis=redis, db_factory=db_factory, runtime=runtime, store=store
         )
         await ledger.start()
+        reaper = Reaper(
+            runtime=runtime,
+            db_factory=db_factory,
+            interval_s=settings.reaper_interval_s,
+            grace_s=max(settings.reaper_grace_s, settings.stop_timeout_s + 5),
+        )
+        await reaper.start()
         app.state.settings = settings
         app.state.jwt_key = settings.jwt_key()
         app.state.db_factory = db_factory
@@ -92,12 +100,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.runtime = runtime
         app.state.store = store
         app.state.ledger = ledger
+        app.state.reaper = reaper
         app.state.sessions = SessionService(
             settings=settings, redis=redis, runtime=runtime, store=store, hub=hub
         )
         try:
             yield
         finally:
+            await reaper.close()
             await ledger.close()
             await hub.close()
             await redis.aclose()

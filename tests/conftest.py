@@ -73,7 +73,7 @@ def make_settings(tmp: Path, **overrides: Any) -> Settings:
     base: dict[str, Any] = {
         "data_dir": tmp,
         "jwt_secret": secrets.token_urlsafe(32),
-        "stop_timeout_s": 10,
+        "stop_timeout_s": 5,
         "image": IMAGE,
     }
     base.update(overrides)
@@ -121,6 +121,8 @@ def e2e_gateway(
         anthropic_base_url=f"http://host.docker.internal:{scripted_model.port}",
         anthropic_api_key="sk-ant-scripted",
         container_memory="1g",
+        reaper_interval_s=1.0,
+        reaper_grace_s=3.0,
     )
     gateway = GatewayServer(settings).start()
     yield gateway

@@ -113,6 +113,13 @@ class SessionRunner:
         reason = "crashed" if self._exit_status else "stopped"
         exit_code: int | None = None
         if self._cli is not None:
+            if self._turn is not None and self._cli.returncode is None:
+                # Interrupt the running turn first so the CLI ends it cleanly and quickly.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._interrupt(), 2)
+                if self._result is not None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(self._result), 2)
             exit_code = await self._cli.stop(self._config.stop_grace_s)
         self._complete_turn_synthetic("the session was stopped", terminal_reason="stopped")
         if self._turn is not None:

@@ -37,7 +37,7 @@ from gateway.services import session_redis
 from gateway.services.artifacts import ArtifactStore, safe_relative_path
 from gateway.services.events import EventHub
 from gateway.services.runtime import ContainerRuntime, ContainerSpec, VolumeMount
-from gateway.services.runtime.base import LABEL_OWNER, LABEL_SESSION
+from gateway.services.runtime.base import LABEL_OWNER, LABEL_SESSION, LABEL_WORKSPACE
 from wrapper.protocol import ControlMessage, ControlType, SessionSpec, TurnRequest
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,12 @@ class SessionService:
             )
             await self.runtime.ensure_network(self.settings.docker_network)
             labels = {LABEL_SESSION: sid, LABEL_OWNER: owner}
-            await self.runtime.create_volume(session.workspace_volume, labels)
+            workspace_labels = (
+                {LABEL_OWNER: owner, LABEL_WORKSPACE: body.workspace.id or ""}
+                if body.workspace.type is WorkspaceType.PERSISTENT
+                else labels
+            )
+            await self.runtime.create_volume(session.workspace_volume, workspace_labels)
             await self.runtime.create_volume(config_volume_name(sid), labels)
             info = await self.runtime.start(
                 ContainerSpec(
@@ -199,6 +204,8 @@ class SessionService:
             CCGATE_SESSION_ID=sid,
             CCGATE_REDIS_URL=s.container_redis_url(username, password),
             CCGATE_STREAM_MAXLEN=str(s.stream_maxlen),
+            # The wrapper's stop (interrupt 2 s + EOF wait + SIGTERM wait) fits in docker stop's.
+            CCGATE_STOP_GRACE_S=f"{max(0.5, (s.stop_timeout_s - 4) / 2):g}",
             CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
         )
         return env
@@ -320,6 +327,9 @@ class SessionService:
         """
         if session.status in (SessionStatus.STOPPED, SessionStatus.FAILED):
             return session
+        session.last_activity = utcnow()  # the reaper leaves recently active sessions alone
+        db.add(session)
+        await db.commit()
         if session.container_id:
             await self.runtime.stop(session.container_id, timeout_s=self.settings.stop_timeout_s)
             await self.runtime.remove(session.container_id)

@@ -9,6 +9,7 @@ from enum import StrEnum
 LABEL_MANAGED = "ccgate.managed"
 LABEL_SESSION = "ccgate.session_id"
 LABEL_OWNER = "ccgate.owner"
+LABEL_WORKSPACE = "ccgate.workspace"
 
 
 class ContainerState(StrEnum):
@@ -99,6 +100,10 @@ class ContainerRuntime(abc.ABC):
     @abc.abstractmethod
     async def list_managed(self) -> list[ContainerInfo]:
         """Every container carrying the ``ccgate.managed`` label."""
+
+    @abc.abstractmethod
+    async def list_managed_volumes(self) -> dict[str, dict[str, str]]:
+        """Names and labels of every volume carrying a ``ccgate.session_id`` label."""
 
     @abc.abstractmethod
     async def read_file(self, container_id: str, path: str, *, max_bytes: int) -> bytes:

@@ -17,6 +17,7 @@ from requests.exceptions import RequestException
 from gateway.errors import ContainerStartFailed, DependencyUnavailable
 from gateway.services.runtime.base import (
     LABEL_MANAGED,
+    LABEL_SESSION,
     ContainerInfo,
     ContainerRuntime,
     ContainerSpec,
@@ -217,6 +218,13 @@ class DockerRuntime(ContainerRuntime):
             lambda: self._docker().containers.list(all=True, filters={"label": LABEL_MANAGED})
         )
         return [_info(c) for c in containers]
+
+    async def list_managed_volumes(self) -> dict[str, dict[str, str]]:
+        """Names and labels of every volume carrying a ``ccgate.session_id`` label."""
+        volumes = await self._call(
+            lambda: self._docker().volumes.list(filters={"label": LABEL_SESSION})
+        )
+        return {v.name: dict(v.attrs.get("Labels") or {}) for v in volumes}
 
     async def read_file(self, container_id: str, path: str, *, max_bytes: int) -> bytes:
         """Read one regular file through the archive API (works on stopped containers too)."""

@@ -1,0 +1,124 @@
+"""The reaper: reconciles Docker with the database so nothing is orphaned or left "running".
+
+Every ``interval_s`` each gateway process:
+- removes ccgate containers whose session no longer exists or is stopped/failed,
+- removes per-session volumes whose session no longer exists (persistent workspaces are kept),
+- marks a live session failed when its container is gone or has exited without the wrapper's
+  ``exited`` event (OOM kill, engine restart), after a grace period so a stop in progress or a
+  just-created container is never mistaken for a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import timedelta
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from gateway.db.models import Session, SessionStatus, Turn, TurnStatus, as_utc, utcnow
+from gateway.errors import GatewayError
+from gateway.services.runtime import ContainerRuntime, ContainerState
+from gateway.services.runtime.base import LABEL_SESSION
+
+logger = logging.getLogger(__name__)
+
+
+class Reaper:
+    """Periodic reconciliation of containers, volumes and session status."""
+
+    def __init__(
+        self,
+        *,
+        runtime: ContainerRuntime,
+        db_factory: async_sessionmaker[AsyncSession],
+        interval_s: float,
+        grace_s: float,
+    ) -> None:
+        self._runtime = runtime
+        self._db = db_factory
+        self._interval_s = interval_s
+        self._grace = timedelta(seconds=grace_s)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start the periodic task."""
+        self._task = asyncio.create_task(self._run(), name="reaper")
+
+    async def close(self) -> None:
+        """Stop the periodic task."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self.sweep()
+            except (GatewayError, SQLAlchemyError, OSError) as exc:
+                logger.warning("reaper: sweep failed: %s", exc)
+
+    async def sweep(self) -> dict[str, int]:
+        """One reconciliation pass; returns counts of what it did."""
+        done = {"containers_removed": 0, "sessions_failed": 0, "volumes_removed": 0}
+        containers = await self._runtime.list_managed()
+        by_session = {c.labels.get(LABEL_SESSION, ""): c for c in containers}
+        async with self._db() as db:
+            rows = (await db.exec(select(Session))).all()
+            sessions = {s.id: s for s in rows}
+            for sid, container in by_session.items():
+                session = sessions.get(sid)
+                if session is None or not session.status.live:
+                    logger.info("reaper: removing orphan container %s", container.name)
+                    await self._runtime.remove(container.id)
+                    done["containers_removed"] += 1
+            cutoff = utcnow() - self._grace
+            for session in rows:
+                if not session.status.live:
+                    continue
+                last = as_utc(session.last_activity) or utcnow()
+                if last > cutoff:
+                    continue
+                found = by_session.get(session.id)
+                if found is not None and found.state is not ContainerState.EXITED:
+                    continue
+                reason = (
+                    "the session container is gone"
+                    if found is None
+                    else f"the session container exited with status {found.exit_code}"
+                )
+                await self._fail(db, session, reason)
+                if found is not None:
+                    await self._runtime.remove(found.id)
+                done["sessions_failed"] += 1
+            await db.commit()
+        for name, labels in (await self._runtime.list_managed_volumes()).items():
+            per_session = name.startswith(("ccgate-ws-", "ccgate-cfg-"))
+            if per_session and labels.get(LABEL_SESSION) not in sessions:
+                await self._runtime.remove_volume(name)
+                done["volumes_removed"] += 1
+        return done
+
+    async def _fail(self, db: AsyncSession, session: Session, reason: str) -> None:
+        logger.warning("reaper: session %s failed: %s", session.id, reason)
+        session.status = SessionStatus.FAILED
+        session.error = reason
+        session.last_activity = utcnow()
+        db.add(session)
+        rows = await db.exec(
+            select(Turn).where(
+                Turn.session_id == session.id,
+                col(Turn.status).in_([TurnStatus.QUEUED, TurnStatus.RUNNING]),
+            )
+        )
+        for turn in rows.all():
+            turn.status = TurnStatus.FAILED
+            turn.errors = [reason]
+            turn.completed_at = utcnow()
+            db.add(turn)
