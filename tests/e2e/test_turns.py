@@ -73,11 +73,13 @@ async def test_interrupt_stops_a_slow_turn_and_the_session_goes_on(make_api: Any
     assert message["status"] == "interrupted"
 
 
-async def test_model_api_errors_fail_the_turn_not_the_session(make_api: Any) -> None:
+@pytest.mark.parametrize("status", [400, 500, 529])
+async def test_model_api_errors_fail_the_turn_not_the_session(make_api: Any, status: int) -> None:
     api: Api = make_api()
-    sid = await _create(api)
+    # One retry keeps the CLI's backoff short for 500 and 529 (it retries those, not a 400).
+    sid = await _create(api, env={"CLAUDE_CODE_MAX_RETRIES": "1"})
     r = await api.http.post(
-        f"/api/v1/sessions/{sid}/chat", json={"prompt": "fail 400", "stream": False}
+        f"/api/v1/sessions/{sid}/chat", json={"prompt": f"fail {status}", "stream": False}
     )
     assert r.status_code == 200, r.text
     failed = r.json()
