@@ -84,6 +84,20 @@ class Settings(BaseSettings):
     """A live session whose container is gone is failed only after this long without activity."""
     stream_maxlen: int = 10_000
 
+    max_spawn_depth: int = 5
+    """Deepest allowed session (the root is depth 0)."""
+    max_children_per_session: int = 10
+    """Live children one session may have at once."""
+    max_live_sessions_per_tree: int = 20
+    max_sessions_per_tree: int = 100
+    """Sessions ever created in one tree, root included (the fan-out budget)."""
+    tree_budget_usd: float | None = None
+    """Cost budget of a tree when its root does not set config.max_budget_usd."""
+    container_gateway_url: str | None = None
+    """How session containers reach the gateway (ccgate MCP tools); default
+    ``http://host.docker.internal:<port>``. The gateway must listen where containers reach it."""
+    session_token_ttl_s: int = 3600
+
     anthropic_base_url: str | None = None
     anthropic_api_key: SecretStr | None = None
     anthropic_auth_token: SecretStr | None = None
@@ -130,6 +144,10 @@ class Settings(BaseSettings):
         else:
             auth = ""
         return urlunsplit((parts.scheme, auth + hostport, parts.path or "/0", "", ""))
+
+    def gateway_url_for_containers(self) -> str:
+        """Base URL the ccgate MCP tools inside containers call."""
+        return self.container_gateway_url or f"http://host.docker.internal:{self.port}"
 
     def jwt_key(self) -> str:
         """The HS256 signing key: CCGATE_JWT_SECRET, else a secret file created on first use."""

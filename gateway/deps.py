@@ -11,7 +11,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.auth import InvalidToken, Principal, decode_token
 from gateway.db.models import Session
-from gateway.errors import DependencyUnavailable
+from gateway.errors import DependencyUnavailable, Forbidden
 from gateway.services.sessions import SessionService
 
 _bearer = HTTPBearer(auto_error=False)
@@ -62,8 +62,25 @@ CurrentUser = Annotated[Principal, Depends(get_principal)]
 async def get_owned_session(
     session_id: str, db: DbDep, user: CurrentUser, service: ServiceDep
 ) -> Session:
-    """The path's session if the caller owns it (404 otherwise, never 403: no existence leak)."""
-    return await service.get_owned(db=db, owner=user.user, session_id=session_id)
+    """The path's session if the caller may touch it: its owner, or a session token of one of
+    its ancestors (404 otherwise, never 403: no existence leak)."""
+    return await service.authorize(db=db, principal=user, session_id=session_id, allow_self=False)
+
+
+async def get_scoped_session(
+    session_id: str, db: DbDep, user: CurrentUser, service: ServiceDep
+) -> Session:
+    """Like get_owned_session, and a session token may also name its own session."""
+    return await service.authorize(db=db, principal=user, session_id=session_id, allow_self=True)
+
+
+def require_user_token(user: CurrentUser) -> Principal:
+    """403 for session tokens (they cannot list or delete sessions)."""
+    if user.session_scope is not None:
+        raise Forbidden("a session token cannot list or delete sessions; use a user token")
+    return user
 
 
 OwnedSession = Annotated[Session, Depends(get_owned_session)]
+ScopedSession = Annotated[Session, Depends(get_scoped_session)]
+UserToken = Annotated[Principal, Depends(require_user_token)]

@@ -3,8 +3,10 @@
 ::
 
     GatewayError                      500
+    ├── Forbidden                     403  a session token asked for something outside its scope
     ├── NotFound                      404  unknown session, or one owned by someone else
     ├── Conflict                      409  e.g. chat on a stopped session
+    │   └── SpawnRefused              409  a spawn limit (named, with its value) would be exceeded
     ├── InvalidRequest                422  input that passed the schema but cannot be honoured
     ├── TurnTimeout                   504  a stream=false chat waited longer than its timeout
     └── DependencyUnavailable         503  database, redis, storage or docker is down
@@ -25,6 +27,13 @@ class GatewayError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class Forbidden(GatewayError):
+    """The caller is known but this operation is outside what its token allows."""
+
+    status_code = 403
+    code = "forbidden"
 
 
 class NotFound(GatewayError):

@@ -89,6 +89,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reaper = Reaper(
             runtime=runtime,
             db_factory=db_factory,
+            redis=redis,
+            jwt_key=settings.jwt_key(),
+            token_ttl_s=settings.session_token_ttl_s,
             interval_s=settings.reaper_interval_s,
             grace_s=max(settings.reaper_grace_s, settings.stop_timeout_s + 5),
         )
@@ -102,7 +105,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.ledger = ledger
         app.state.reaper = reaper
         app.state.sessions = SessionService(
-            settings=settings, redis=redis, runtime=runtime, store=store, hub=hub
+            settings=settings,
+            redis=redis,
+            runtime=runtime,
+            store=store,
+            hub=hub,
+            jwt_key=app.state.jwt_key,
         )
         try:
             yield

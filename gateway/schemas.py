@@ -7,7 +7,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_ENV = frozenset(
@@ -39,6 +39,14 @@ class PermissionMode(StrEnum):
     AUTO = "auto"
 
 
+class SpawnWorkspaceType(StrEnum):
+    """Where a spawned child's /workspace comes from."""
+
+    INHERIT = "inherit"  # the parent's own workspace volume, shared
+    CLONE = "clone"  # a copy of the parent's workspace at spawn time
+    EPHEMERAL = "ephemeral"  # empty
+
+
 class WorkspaceSpec(_Strict):
     """``{type: ephemeral|persistent, id?}``; a persistent workspace needs an ``id``."""
 
@@ -64,6 +72,8 @@ class SessionConfig(_Strict):
     disallowed_tools: list[str] = Field(default_factory=list, max_length=200)
     permission_mode: PermissionMode | None = None
     max_turns: int | None = Field(default=None, ge=1, le=10_000)
+    max_budget_usd: float | None = Field(default=None, gt=0)
+    """Cost budget of the tree this root starts (children run with what is left)."""
     timeout_seconds: float | None = Field(default=None, gt=0, le=86_400)
     mcp_servers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
@@ -98,6 +108,52 @@ class SessionCreate(_Strict):
     parent_session_id: str | None = None
 
 
+class SpawnWorkspace(_Strict):
+    """``{type: inherit|clone|ephemeral}``."""
+
+    type: SpawnWorkspaceType = SpawnWorkspaceType.EPHEMERAL
+
+
+class SpawnRequest(_Strict):
+    """``POST /sessions/{id}/spawn`` body; config fields not given are inherited."""
+
+    prompt: str = Field(min_length=1, max_length=1_000_000)
+    workspace: SpawnWorkspace = Field(default_factory=SpawnWorkspace)
+    config: SessionConfig = Field(default_factory=SessionConfig)
+    callback: AnyHttpUrl | None = None
+    """Receives a POST of each of the child's turn results (JSON, like the child_result event)."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must contain non-whitespace text")
+        return prompt
+
+
+class SpawnCreated(BaseModel):
+    """``POST /sessions/{id}/spawn`` answer (CC-Docker's shape)."""
+
+    child_session_id: str
+    status: str
+    parent_session_id: str
+    depth: int
+    container_id: str | None
+
+
+class WaitRequest(_Strict):
+    """``POST /sessions/{id}/wait`` body."""
+
+    timeout_seconds: float = Field(default=600, gt=0, le=86_400)
+
+
+class WorkspacePublic(BaseModel):
+    """A session's workspace: ephemeral, persistent (with its id), inherit or clone."""
+
+    type: str
+    id: str | None = None
+
+
 class SessionCreated(BaseModel):
     """``POST /sessions`` answer."""
 
@@ -121,7 +177,9 @@ class SessionPublic(BaseModel):
     total_cost_usd: float
     total_turns: int
     usage: dict[str, Any]
-    workspace: WorkspaceSpec
+    workspace: WorkspacePublic
+    depth: int
+    root_session_id: str
     config: dict[str, Any]
     cli_session_id: str | None
     error: str | None
@@ -217,6 +275,13 @@ class HealthPublic(BaseModel):
 
     status: Literal["ok", "degraded"]
     checks: dict[str, Check]
+
+
+class ChildrenList(BaseModel):
+    """``GET /sessions/{id}/children``."""
+
+    session_id: str
+    children: list[SessionPublic]
 
 
 class ErrorBody(BaseModel):

@@ -16,6 +16,9 @@ prompt                      reply
 ``slow [SECONDS]``          text streamed in small pieces for SECONDS (default 30), with pings
 ``fail STATUS``             HTTP STATUS (529 overloaded, 500 api error, 429, 401, 400)
 ``big BYTES``               one text reply of BYTES characters (long stream-json lines)
+``spawn [MODE] PROMPT``     the ccgate MCP tools: spawn_session(PROMPT, workspace MODE), then
+                            wait_for_result, then "Child said: <its result>" (or
+                            "Spawn failed: <tool error>"); MODE is inherit, clone or ephemeral
 anything else               "Echo: <prompt>"
 ==========================  ================================================================
 
@@ -175,6 +178,8 @@ def script_reply(body: dict[str, Any]) -> Reply:
                 [Block("tool_use", name="Read", input={"file_path": "/workspace/multi-a.txt"})]
             )
         return Reply([Block("text", text="Multi done.")])
+    if word == "spawn" and rest:
+        return _spawn_reply(rest, step, last_results)
     if word == "braces":
         return Reply([Block("text", text=BRACES_TEXT)])
     if word == "recall":
@@ -189,6 +194,41 @@ def script_reply(body: dict[str, Any]) -> Reply:
         size = int(rest) if rest.isdigit() else 1_500_000
         return Reply([Block("text", text=("0123456789abcdef" * (size // 16 + 1))[:size])])
     return Reply([Block("text", text=f"Echo: {prompt}")])
+
+
+def _spawn_reply(rest: str, step: int, last_results: list[str]) -> Reply:
+    mode, _, child_prompt = rest.partition(" ")
+    if mode not in ("inherit", "clone", "ephemeral"):
+        mode, child_prompt = "ephemeral", rest
+    if step == 0:
+        return Reply(
+            [
+                Block(
+                    "tool_use",
+                    name="mcp__ccgate__spawn_session",
+                    input={"prompt": child_prompt, "workspace": mode},
+                )
+            ]
+        )
+    text = " ".join(last_results).strip()
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        payload = None
+    if step == 1:
+        if not isinstance(payload, dict) or "child_session_id" not in payload:
+            return Reply([Block("text", text=f"Spawn failed: {text}")])
+        return Reply(
+            [
+                Block(
+                    "tool_use",
+                    name="mcp__ccgate__wait_for_result",
+                    input={"session_id": payload["child_session_id"], "timeout_seconds": 120},
+                )
+            ]
+        )
+    result = payload.get("result") if isinstance(payload, dict) else text
+    return Reply([Block("text", text=f"Child said: {result}")])
 
 
 def _tokens(chars: int) -> int:

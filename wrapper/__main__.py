@@ -79,6 +79,7 @@ async def amain() -> int:
             publisher=publisher,
             input_redis=blocking_input,
             control_redis=blocking_control,
+            state_redis=main,
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runner.request_stop)

@@ -20,12 +20,19 @@ _READ_CHUNK = 1 << 16
 _STDERR_TAIL_LINES = 40
 
 
-def build_cli_args(spec: SessionSpec, *, claude_bin: str, resume: bool) -> list[str]:
+def build_cli_args(
+    spec: SessionSpec,
+    *,
+    claude_bin: str,
+    resume: bool,
+    extra_mcp_servers: dict[str, Any] | None = None,
+) -> list[str]:
     """The CLI command line for a session (flags from ``claude --help`` 2.1.x).
 
     ``resume=False`` pins the CLI's own session id to the ccgate session id with
     ``--session-id``; ``resume=True`` continues that transcript with ``--resume``. Values use the
     ``--flag=value`` form so a value starting with ``-`` is never read as a flag.
+    ``extra_mcp_servers`` (the ccgate tools) are added to the session's own MCP servers.
     """
     args = [
         claude_bin,
@@ -50,11 +57,28 @@ def build_cli_args(spec: SessionSpec, *, claude_bin: str, resume: bool) -> list[
         args.append(f"--system-prompt={spec.system_prompt}")
     if spec.append_system_prompt:
         args.append(f"--append-system-prompt={spec.append_system_prompt}")
-    if spec.mcp_servers:
-        args.append(f"--mcp-config={json.dumps({'mcpServers': spec.mcp_servers})}")
+    mcp_servers = {**spec.mcp_servers, **(extra_mcp_servers or {})}
+    if mcp_servers:
+        args.append(f"--mcp-config={json.dumps({'mcpServers': mcp_servers})}")
     if spec.include_partial_messages:
         args.append("--include-partial-messages")
     return args
+
+
+def ccgate_mcp_server(
+    *, python: str, gateway_url: str, session_id: str, token_file: str
+) -> dict[str, Any]:
+    """The ``--mcp-config`` entry of the ccgate tools (wrapper/mcp_tools.py over stdio)."""
+    return {
+        "type": "stdio",
+        "command": python,
+        "args": ["-m", "wrapper.mcp_tools"],
+        "env": {
+            "CCGATE_GATEWAY_URL": gateway_url,
+            "CCGATE_SESSION_ID": session_id,
+            "CCGATE_TOKEN_FILE": token_file,
+        },
+    }
 
 
 def user_message_line(prompt: str) -> bytes:

@@ -17,6 +17,8 @@ key                                    type       written by -> read by
                                                   the envelope JSON; capped with MAXLEN ~
 ``ccgate:session:<sid>:live``          channel    wrapper PUBLISH -> gateway SUBSCRIBE: the
                                                   same envelope JSON, for live delivery
+``ccgate:session:<sid>:token``         string     gateway SET EX (renewed) -> wrapper: the
+                                                  session's own JWT for the ccgate MCP tools
 =====================================  =========  ===========================================
 """
 
@@ -66,6 +68,11 @@ def live_channel(session_id: str) -> str:
     return f"{session_prefix(session_id)}live"
 
 
+def token_key(session_id: str) -> str:
+    """String key holding the session-scoped JWT the ccgate MCP tools use (expires with it)."""
+    return f"{session_prefix(session_id)}token"
+
+
 def redis_username(session_id: str) -> str:
     """Name of the per-session Redis ACL user the session's container logs in as."""
     return f"ccgate-session-{session_id}"
@@ -91,6 +98,20 @@ class EventType(StrEnum):
     ERROR = "error"  # something went wrong that the client should see
     CLI_RESTARTED = "cli_restarted"  # the CLI died and was restarted with --resume
     EXITED = "exited"  # the wrapper is leaving; the last event of a container
+    CHILD_SPAWNED = "child_spawned"  # (gateway) a child session was created under this one
+    CHILD_RESULT = "child_result"  # (gateway) a child's turn finished successfully
+    CHILD_FAILED = "child_failed"  # (gateway) a child's turn failed, or the child died
+    CHILD_STOPPED = "child_stopped"  # (gateway) a child was stopped or deleted
+
+
+CHILD_EVENTS = frozenset(
+    {
+        EventType.CHILD_SPAWNED,
+        EventType.CHILD_RESULT,
+        EventType.CHILD_FAILED,
+        EventType.CHILD_STOPPED,
+    }
+)
 
 
 class EventSource(StrEnum):
@@ -98,6 +119,7 @@ class EventSource(StrEnum):
 
     CLI = "cli"  # a stream-json line from the Claude Code CLI, unchanged in ``data``
     WRAPPER = "wrapper"  # a lifecycle event of the wrapper
+    GATEWAY = "gateway"  # a notification from the gateway (child_* events), seq'd by the wrapper
 
 
 def encode_envelope(
@@ -151,6 +173,8 @@ class SessionSpec:
     timeout_seconds: float | None = None
     mcp_servers: dict[str, Any] = field(default_factory=dict)
     include_partial_messages: bool = False
+    gateway_url: str | None = None
+    """When set, the CLI gets the ccgate MCP tools (spawn_session, ...) calling this gateway."""
 
     def to_json(self) -> str:
         """Serialise for Redis."""
@@ -191,19 +215,33 @@ class ControlType(StrEnum):
     """Control messages the gateway sends to a running wrapper."""
 
     INTERRUPT = "interrupt"  # interrupt the running turn (CLI control-protocol interrupt)
+    NOTIFY = "notify"  # publish a gateway event (one of CHILD_EVENTS) in this session's stream
 
 
 @dataclass(frozen=True)
 class ControlMessage:
-    """A control message (JSON in :func:`control_key`)."""
+    """A control message (JSON in :func:`control_key`); ``event``/``data`` only for NOTIFY."""
 
     type: ControlType
+    event: str | None = None
+    data: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """Serialise for Redis."""
-        return json.dumps({"type": self.type.value})
+        out: dict[str, Any] = {"type": self.type.value}
+        if self.type is ControlType.NOTIFY:
+            out.update(event=self.event, data=self.data or {})
+        return json.dumps(out)
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> ControlMessage:
-        """Parse from Redis; raises ValueError on an unknown type."""
-        return cls(type=ControlType(json.loads(raw)["type"]))
+        """Parse from Redis; raises ValueError on an unknown type or notification."""
+        obj = json.loads(raw)
+        kind = ControlType(obj["type"])
+        if kind is ControlType.NOTIFY:
+            event = str(obj.get("event"))
+            if event not in CHILD_EVENTS:
+                raise ValueError(f"unknown notification {event!r}")
+            data = obj.get("data")
+            return cls(type=kind, event=event, data=data if isinstance(data, dict) else {})
+        return cls(type=kind)

@@ -16,9 +16,10 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -27,6 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from wrapper.cli_process import (
     CliProcess,
     build_cli_args,
+    ccgate_mcp_server,
     cli_environment,
     control_request_line,
     user_message_line,
@@ -41,6 +43,7 @@ from wrapper.protocol import (
     TurnRequest,
     control_key,
     input_key,
+    token_key,
 )
 from wrapper.publisher import EventPublisher
 from wrapper.workspace import WorkspaceTracker
@@ -66,12 +69,15 @@ class SessionRunner:
         publisher: EventPublisher,
         input_redis: aioredis.Redis,
         control_redis: aioredis.Redis,
+        state_redis: aioredis.Redis,
     ) -> None:
         self._config = config
         self._spec = spec
         self._events = publisher
         self._input_redis = input_redis
         self._control_redis = control_redis
+        self._state_redis = state_redis
+        self._token_file = os.path.join(config.state_dir, "gateway-token")
         self._workspace = WorkspaceTracker(config.workspace)
         self._cli: CliProcess | None = None
         self._pump: asyncio.Task[int] | None = None
@@ -109,6 +115,8 @@ class SessionRunner:
             asyncio.create_task(self._turn_loop(), name="turns"),
             asyncio.create_task(self._control_loop(), name="control"),
         ]
+        if self._spec.gateway_url:
+            tasks.append(asyncio.create_task(self._token_loop(), name="token"))
         await self._stop.wait()
         reason = "crashed" if self._exit_status else "stopped"
         exit_code: int | None = None
@@ -203,7 +211,19 @@ class SessionRunner:
         self._stop.set()
 
     async def _launch(self, *, resume: bool) -> dict[str, Any]:
-        args = build_cli_args(self._spec, claude_bin=self._config.claude_bin, resume=resume)
+        extra = None
+        if self._spec.gateway_url:
+            extra = {
+                "ccgate": ccgate_mcp_server(
+                    python=sys.executable,
+                    gateway_url=self._spec.gateway_url,
+                    session_id=self._spec.session_id,
+                    token_file=self._token_file,
+                )
+            }
+        args = build_cli_args(
+            self._spec, claude_bin=self._config.claude_bin, resume=resume, extra_mcp_servers=extra
+        )
         try:
             self._cli = await CliProcess.spawn(
                 args, cwd=self._config.workspace, env=cli_environment()
@@ -402,6 +422,28 @@ class SessionRunner:
                 continue
             if message.type is ControlType.INTERRUPT:
                 await self._interrupt()
+            elif message.type is ControlType.NOTIFY and message.event:
+                self._events.emit(
+                    message.event,
+                    json.dumps(message.data or {}),
+                    source=EventSource.GATEWAY,
+                    turn_id=self._turn.message_id if self._turn else None,
+                )
+
+    async def _token_loop(self) -> None:
+        """Copy the gateway-renewed session token from Redis into the file the MCP tools read."""
+        key = token_key(self._spec.session_id)
+        current: bytes | None = None
+        while True:
+            try:
+                token = cast(bytes | None, await self._state_redis.get(key))
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                logger.warning("token: redis unreachable: %s", exc)
+                token = None
+            if token and token != current:
+                await asyncio.to_thread(_write_private, self._token_file, token)
+                current = token
+            await asyncio.sleep(1.0 if current is None else 20.0)
 
     async def _interrupt(self) -> None:
         """Send the CLI's control-protocol interrupt if a turn is running."""
@@ -412,6 +454,16 @@ class SessionRunner:
         except (TimeoutError, ConnectionError, StartupFailed, RuntimeError) as exc:
             logger.warning("interrupt failed: %s", exc)
             self._emit(EventType.ERROR, {"code": "interrupt_failed", "message": str(exc)})
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """Write a file readable only by this user, atomically (temp file + rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
 
 
 def _synthetic_result(message: str, terminal_reason: str) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response, status
 
 from gateway.db.models import Turn, as_utc
 from gateway.deps import DbDep, OwnedSession, ServiceDep
-from gateway.schemas import ChatAccepted, ChatRequest, ChatResult, MessagePublic
+from gateway.schemas import ChatAccepted, ChatRequest, ChatResult, MessagePublic, WaitRequest
 
 router = APIRouter(prefix="/sessions/{session_id}", tags=["chat"])
 
@@ -80,6 +80,19 @@ async def get_message(
         started_at=as_utc(turn.started_at),
         completed_at=as_utc(turn.completed_at),
     )
+
+
+@router.post("/wait", responses={504: {"description": "still running after the timeout"}})
+async def wait_for_result(
+    body: WaitRequest, session: OwnedSession, request: Request, db: DbDep, service: ServiceDep
+) -> ChatResult:
+    """Wait for the session's latest turn to finish and return its result (the ccgate MCP
+    tool ``wait_for_result`` uses this); 409 when the session has no turn yet."""
+    turn = await service.latest_turn(db=db, session=session)
+    done = await service.wait_for_turn(
+        db_factory=request.app.state.db_factory, turn=turn, timeout_s=body.timeout_seconds
+    )
+    return chat_result(done)
 
 
 @router.post("/interrupt", status_code=status.HTTP_202_ACCEPTED)

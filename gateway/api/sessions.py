@@ -7,8 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response, status
 
 from gateway.db.models import Session, SessionStatus, as_utc
-from gateway.deps import CurrentUser, DbDep, OwnedSession, ServiceDep
-from gateway.schemas import SessionCreate, SessionCreated, SessionList, SessionPublic, WorkspaceSpec
+from gateway.deps import CurrentUser, DbDep, OwnedSession, ServiceDep, UserToken
+from gateway.schemas import (
+    SessionCreate,
+    SessionCreated,
+    SessionList,
+    SessionPublic,
+    WorkspacePublic,
+)
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
 
@@ -32,9 +38,9 @@ def session_public(session: Session, child_ids: list[str]) -> SessionPublic:
         total_cost_usd=session.total_cost_usd,
         total_turns=session.total_turns,
         usage=session.usage,
-        workspace=WorkspaceSpec.model_validate(
-            {"type": session.workspace_type, "id": session.workspace_id}
-        ),
+        workspace=WorkspacePublic(type=session.workspace_type, id=session.workspace_id),
+        depth=session.depth,
+        root_session_id=session.root_id,
         config=session.config,
         cli_session_id=session.cli_session_id,
         error=session.error,
@@ -48,9 +54,10 @@ async def create_session(
     """Start a session: its own container running the Claude Code CLI.
 
     Returns at once with status ``starting``; the ``ready`` event (and status ``idle``) follows
-    when the CLI answered its handshake. Chats sent before then are queued.
+    when the CLI answered its handshake. Chats sent before then are queued. With
+    ``parent_session_id`` the session is a child of that one, under the spawn limits (409).
     """
-    session = await service.create_session(db=db, owner=user.user, body=body)
+    session = await service.create_session(db=db, principal=user, body=body)
     request.app.state.ledger.track(session.id)
     return SessionCreated(
         session_id=session.id,
@@ -64,7 +71,7 @@ async def create_session(
 @router.get("")
 async def list_sessions(
     db: DbDep,
-    user: CurrentUser,
+    user: UserToken,
     service: ServiceDep,
     status_filter: Annotated[SessionStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -90,9 +97,8 @@ async def get_session(session: OwnedSession, db: DbDep, service: ServiceDep) -> 
 
 @router.post("/{session_id}/stop")
 async def stop_session(session: OwnedSession, db: DbDep, service: ServiceDep) -> SessionPublic:
-    """Stop the container (SIGTERM, then SIGKILL after the grace period) and remove it.
-
-    The workspace and transcript volumes, events and artifacts are kept until DELETE.
+    """Stop the session and its whole subtree: each container gets SIGTERM, then SIGKILL after
+    the grace period, and is removed. Volumes, events and artifacts are kept until DELETE.
     """
     session = await service.stop(db=db, session=session)
     return session_public(session, await service.child_ids(db=db, session_id=session.id))
@@ -100,9 +106,10 @@ async def stop_session(session: OwnedSession, db: DbDep, service: ServiceDep) ->
 
 @router.delete("/{session_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_session(
-    session: OwnedSession, request: Request, db: DbDep, service: ServiceDep
+    session: OwnedSession, user: UserToken, request: Request, db: DbDep, service: ServiceDep
 ) -> Response:
-    """Stop and delete everything of the session: container, volumes, events, artifacts."""
+    """Stop and delete the session and its subtree: containers, volumes, events, artifacts.
+    A deleted child is detached from its parent."""
     request.app.state.ledger.untrack(session.id)
     await service.delete(db=db, session=session)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -26,8 +26,8 @@ from pydantic import ValidationError
 from sqlmodel import col, select
 
 from gateway.auth import InvalidToken, Principal, decode_token
-from gateway.db.models import Event, Session
-from gateway.errors import GatewayError
+from gateway.db.models import Event
+from gateway.errors import GatewayError, NotFound
 from gateway.schemas import ChatRequest
 from gateway.services.events import SlowConsumer, follow_session
 from gateway.services.sessions import SessionService
@@ -94,9 +94,12 @@ async def session_stream(websocket: WebSocket, session_id: str) -> None:
         await websocket.close(code=CLOSE_UNAUTHORIZED, reason=f"invalid token: {exc}"[:120])
         return
     service: SessionService = state.sessions
-    async with state.db_factory() as db:
-        session = await db.get(Session, session_id)
-    if session is None or session.owner != principal.user:
+    try:
+        async with state.db_factory() as db:
+            await service.authorize(
+                db=db, principal=principal, session_id=session_id, allow_self=False
+            )
+    except NotFound:
         await websocket.close(code=CLOSE_NOT_FOUND, reason=f"session {session_id} not found")
         return
 
@@ -156,7 +159,9 @@ async def _handle_client_message(
         return {"type": "pong"}
     try:
         async with state.db_factory() as db:
-            session = await service.get_owned(db=db, owner=principal.user, session_id=session_id)
+            session = await service.authorize(
+                db=db, principal=principal, session_id=session_id, allow_self=False
+            )
             if kind == "prompt":
                 body = ChatRequest.model_validate(
                     {k: message[k] for k in ("prompt", "timeout_seconds") if k in message}

@@ -2,6 +2,9 @@
 
 Tokens are HS256 only (the algorithm is pinned on decode, so ``alg: none`` and algorithm
 confusion fail), must carry ``sub`` (the user id) and ``exp``; ``iat`` is set on mint.
+
+A *session token* also carries ``ccgate_session``: the gateway mints one for each container (the
+ccgate MCP tools use it) and it reaches only that session's subtree.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from jose import JWTError, jwt
 
 from gateway.config import JWT_ALGORITHM
 
+SESSION_CLAIM = "ccgate_session"
+
 
 class InvalidToken(Exception):
     """The token is missing, malformed, expired, badly signed or lacks a claim."""
@@ -20,19 +25,31 @@ class InvalidToken(Exception):
 
 @dataclass(frozen=True)
 class Principal:
-    """The authenticated caller: ``user`` is the token's ``sub``."""
+    """The authenticated caller: ``user`` is the token's ``sub``; ``session_scope`` is set for a
+    session token (the session whose subtree it may touch)."""
 
     user: str
+    session_scope: str | None = None
 
 
-def mint_token(*, key: str, user: str, ttl_s: int, now: float | None = None) -> str:
-    """A signed token for ``user`` valid for ``ttl_s`` seconds."""
+def mint_token(
+    *,
+    key: str,
+    user: str,
+    ttl_s: int,
+    now: float | None = None,
+    session_scope: str | None = None,
+) -> str:
+    """A signed token for ``user`` valid for ``ttl_s`` seconds (scoped to a session's subtree
+    when ``session_scope`` is given)."""
     if not user or len(user) > 255:
         raise ValueError("user must be 1-255 characters")
     if ttl_s <= 0:
         raise ValueError("ttl_s must be positive")
     issued = int(now if now is not None else time.time())
-    claims = {"sub": user, "iat": issued, "exp": issued + ttl_s}
+    claims: dict[str, object] = {"sub": user, "iat": issued, "exp": issued + ttl_s}
+    if session_scope is not None:
+        claims[SESSION_CLAIM] = session_scope
     return str(jwt.encode(claims, key, algorithm=JWT_ALGORITHM))
 
 
@@ -56,4 +73,7 @@ def decode_token(token: str, *, key: str) -> Principal:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:
         raise InvalidToken("token has no subject")
-    return Principal(user=sub)
+    scope = claims.get(SESSION_CLAIM)
+    if scope is not None and (not isinstance(scope, str) or not scope):
+        raise InvalidToken("malformed session scope")
+    return Principal(user=sub, session_scope=scope)

@@ -74,6 +74,10 @@ class Session(SQLModel, table=True):
     workspace_volume: str = Field(max_length=200)
     config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     parent_session_id: str | None = Field(default=None, index=True, max_length=36)
+    root_id: str = Field(default="", index=True, max_length=36)
+    depth: int = 0
+    live_children: int = 0
+    callback_url: str | None = Field(default=None, max_length=2000)
     cli_session_id: str | None = Field(default=None, max_length=64)
     created_at: datetime = _ts(nullable=False, default=utcnow)
     last_activity: datetime = _ts(nullable=False, default=utcnow)
@@ -81,6 +85,21 @@ class Session(SQLModel, table=True):
     total_turns: int = 0
     usage: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     error: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class SpawnTree(SQLModel, table=True):
+    """Counters of one session tree (a root and every session spawned under it).
+
+    Limits are enforced with conditional UPDATEs on this row (and on the parent's
+    ``live_children``), so concurrent spawns cannot race past them on SQLite or PostgreSQL.
+    """
+
+    root_id: str = Field(primary_key=True, max_length=36)
+    owner: str = Field(max_length=255)
+    sessions_created: int = 1
+    live_sessions: int = 1
+    spend_usd: float = 0.0
+    budget_usd: float | None = None
 
 
 class Turn(SQLModel, table=True):

@@ -13,6 +13,10 @@ Applied events (``wrapper.protocol.EventType``):
                     latest value is kept, never summed); session -> idle
     error           kept as the session's last error
     exited          session -> stopped (asked) or failed (crashed); container removed
+
+A child's turn results and end are also told to its parent (``child_result``,
+``child_failed``, ``child_stopped`` through the parent's wrapper) and POSTed to the child's
+``callback`` URL when it has one; its spend is rolled up into its tree.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel import col, select
+from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.config import Settings
@@ -47,8 +51,11 @@ from gateway.db.models import (
 )
 from gateway.errors import GatewayError
 from gateway.services.artifacts import ArtifactStore, safe_relative_path
+from gateway.services.callbacks import post_callback
 from gateway.services.runtime import ContainerRuntime
-from gateway.services.session_redis import ensure_ledger_group
+from gateway.services.session_redis import ensure_ledger_group, notify
+from gateway.services.sessions import cancel_open_turns
+from gateway.services.tree import add_spend, end_session
 from wrapper.protocol import ENVELOPE_FIELD, LEDGER_GROUP, EventType, events_key
 
 logger = logging.getLogger(__name__)
@@ -106,6 +113,7 @@ class Ledger:
         self._tracked: dict[str, str] = {}  # session id -> next read id (">" or "0")
         self._refreshed_at = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     def track(self, session_id: str) -> None:
         """Start reading a session's stream now (it is also found by the periodic refresh)."""
@@ -120,7 +128,9 @@ class Ledger:
         self._task = asyncio.create_task(self._run(), name="ledger")
 
     async def close(self) -> None:
-        """Stop the reader task."""
+        """Stop the reader task and pending callbacks."""
+        for pending in list(self._background):
+            pending.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -226,6 +236,7 @@ class Ledger:
         files: list[dict[str, Any]] = []
         if kind == EventType.TURN_COMPLETED and envelope.get("source") == "wrapper":
             files = data.get("files") or []
+        after_commit: list[tuple[Session, EventType, dict[str, Any]]] = []
         async with self._db() as db:
             session = await db.get(Session, sid)
             if session is None:
@@ -243,10 +254,16 @@ class Ledger:
             )
             if envelope.get("source") == "wrapper":
                 artifact_errors = await self._collect_artifacts(db, session, turn_id, files)
-                await self._apply_lifecycle(db, session, kind, turn_id, data, artifact_errors)
+                told = await self._apply_lifecycle(
+                    db, session, kind, turn_id, data, artifact_errors
+                )
+                if told is not None:
+                    after_commit.append((session, *told))
             session.last_activity = utcnow()
             db.add(session)
             await db.commit()
+        for child, event, payload in after_commit:
+            await self._tell_parent(child, event, payload)
 
     async def _apply_lifecycle(
         self,
@@ -256,7 +273,8 @@ class Ledger:
         turn_id: str | None,
         data: dict[str, Any],
         artifact_errors: list[str],
-    ) -> None:
+    ) -> tuple[EventType, dict[str, Any]] | None:
+        """Apply one wrapper event; returns what to tell the parent, if anything."""
         if kind == EventType.READY:
             session.cli_session_id = data.get("cli_session_id")
             if session.status is SessionStatus.STARTING:
@@ -270,11 +288,34 @@ class Ledger:
             if session.status.live:
                 session.status = SessionStatus.RUNNING
         elif kind == EventType.TURN_COMPLETED and turn_id:
-            await self._complete_turn(db, session, turn_id, data, artifact_errors)
+            turn = await self._complete_turn(db, session, turn_id, data, artifact_errors)
+            if turn is not None:
+                event = EventType.CHILD_FAILED if turn.is_error else EventType.CHILD_RESULT
+                return event, {
+                    "child_session_id": session.id,
+                    "message_id": turn.id,
+                    "status": turn.status.value,
+                    "subtype": turn.subtype,
+                    "is_error": turn.is_error,
+                    "result": turn.result,
+                    "total_cost_usd": turn.total_cost_usd,
+                }
         elif kind == EventType.ERROR:
             session.error = str(data.get("message") or data.get("code"))[:4000]
         elif kind == EventType.EXITED:
-            await self._on_exited(db, session, data)
+            ended = await self._on_exited(db, session, data)
+            if ended is not None:
+                event = (
+                    EventType.CHILD_STOPPED
+                    if ended is SessionStatus.STOPPED
+                    else EventType.CHILD_FAILED
+                )
+                return event, {
+                    "child_session_id": session.id,
+                    "status": ended.value,
+                    "error": session.error,
+                }
+        return None
 
     async def _complete_turn(
         self,
@@ -283,10 +324,10 @@ class Ledger:
         turn_id: str,
         data: dict[str, Any],
         artifact_errors: list[str],
-    ) -> None:
+    ) -> Turn | None:
         turn = await db.get(Turn, turn_id)
         if turn is None or turn.status.final:
-            return
+            return None
         total = data.get("total_cost_usd")
         turn.status = turn_status_of(data)
         turn.subtype = data.get("subtype")
@@ -304,6 +345,7 @@ class Ledger:
             turn.total_cost_usd = float(total)
             turn.cost_usd = float(total) - previous if total >= previous else float(total)
             session.total_cost_usd = float(total)
+            await add_spend(db, root_id=session.root_id, delta_usd=turn.cost_usd)
         db.add(turn)
         session.total_turns += 1
         session.usage = add_usage(session.usage, turn.usage)
@@ -311,28 +353,37 @@ class Ledger:
             session.cli_session_id = data["cli_session_id"]
         if session.status is SessionStatus.RUNNING:
             session.status = SessionStatus.IDLE
+        return turn
 
-    async def _on_exited(self, db: AsyncSession, session: Session, data: dict[str, Any]) -> None:
+    async def _on_exited(
+        self, db: AsyncSession, session: Session, data: dict[str, Any]
+    ) -> SessionStatus | None:
+        """End the session (stopped or failed); None when it had already ended."""
         if not session.status.live:
-            return
+            return None
         if data.get("reason") == "stopped":
-            session.status = SessionStatus.STOPPED
+            status, error = SessionStatus.STOPPED, None
         else:
-            session.status = SessionStatus.FAILED
-            session.error = session.error or f"the session container exited ({data.get('reason')})"
-        rows = await db.exec(
-            select(Turn).where(
-                Turn.session_id == session.id,
-                col(Turn.status).in_([TurnStatus.QUEUED, TurnStatus.RUNNING]),
-            )
-        )
-        for turn in rows.all():
-            turn.status = TurnStatus.CANCELLED
-            turn.completed_at = utcnow()
-            db.add(turn)
+            status = SessionStatus.FAILED
+            error = session.error or f"the session container exited ({data.get('reason')})"
+        db.add(session)
+        if not await end_session(db, session, status, error):
+            return None
+        await cancel_open_turns(db, session.id)
         if session.container_id:
             with contextlib.suppress(GatewayError):
                 await self._runtime.remove(session.container_id)
+        return status
+
+    async def _tell_parent(self, child: Session, event: EventType, payload: dict[str, Any]) -> None:
+        """child_* event in the parent's stream, and the child's callback, after commit."""
+        if child.parent_session_id:
+            with contextlib.suppress(GatewayError):
+                await notify(self._redis, child.parent_session_id, event, payload)
+        if child.callback_url:
+            task = asyncio.create_task(post_callback(child.callback_url, event, payload))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _collect_artifacts(
         self, db: AsyncSession, session: Session, turn_id: str | None, files: list[dict[str, Any]]

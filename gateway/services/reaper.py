@@ -5,7 +5,8 @@ Every ``interval_s`` each gateway process:
 - removes per-session volumes whose session no longer exists (persistent workspaces are kept),
 - marks a live session failed when its container is gone or has exited without the wrapper's
   ``exited`` event (OOM kill, engine restart), after a grace period so a stop in progress or a
-  just-created container is never mistaken for a crash.
+  just-created container is never mistaken for a crash,
+- renews each live session's token (the ccgate MCP tools' credential) before it expires.
 """
 
 from __future__ import annotations
@@ -15,15 +16,20 @@ import contextlib
 import logging
 from datetime import timedelta
 
+import redis.asyncio as aioredis
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from gateway.auth import mint_token
 from gateway.db.models import Session, SessionStatus, Turn, TurnStatus, as_utc, utcnow
 from gateway.errors import GatewayError
+from gateway.services import session_redis
 from gateway.services.runtime import ContainerRuntime, ContainerState
-from gateway.services.runtime.base import LABEL_SESSION
+from gateway.services.runtime.base import LABEL_HELPER, LABEL_SESSION
+from gateway.services.tree import end_session
+from wrapper.protocol import EventType
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +42,16 @@ class Reaper:
         *,
         runtime: ContainerRuntime,
         db_factory: async_sessionmaker[AsyncSession],
+        redis: aioredis.Redis,
+        jwt_key: str,
+        token_ttl_s: int,
         interval_s: float,
         grace_s: float,
     ) -> None:
         self._runtime = runtime
+        self._redis = redis
+        self._jwt_key = jwt_key
+        self._token_ttl_s = token_ttl_s
         self._db = db_factory
         self._interval_s = interval_s
         self._grace = timedelta(seconds=grace_s)
@@ -66,8 +78,14 @@ class Reaper:
 
     async def sweep(self) -> dict[str, int]:
         """One reconciliation pass; returns counts of what it did."""
-        done = {"containers_removed": 0, "sessions_failed": 0, "volumes_removed": 0}
-        containers = await self._runtime.list_managed()
+        done = {
+            "containers_removed": 0,
+            "sessions_failed": 0,
+            "volumes_removed": 0,
+            "tokens_renewed": 0,
+        }
+        failed: list[Session] = []
+        containers = [c for c in await self._runtime.list_managed() if LABEL_HELPER not in c.labels]
         by_session = {c.labels.get(LABEL_SESSION, ""): c for c in containers}
         async with self._db() as db:
             rows = (await db.exec(select(Session))).all()
@@ -93,11 +111,37 @@ class Reaper:
                     if found is None
                     else f"the session container exited with status {found.exit_code}"
                 )
-                await self._fail(db, session, reason)
+                if await end_session(db, session, SessionStatus.FAILED, reason):
+                    await self._fail_turns(db, session, reason)
+                    failed.append(session)
+                    done["sessions_failed"] += 1
                 if found is not None:
                     await self._runtime.remove(found.id)
-                done["sessions_failed"] += 1
             await db.commit()
+            live = [s for s in rows if s.status.live]
+        for session in failed:
+            if session.parent_session_id:
+                with contextlib.suppress(GatewayError):
+                    await session_redis.notify(
+                        self._redis,
+                        session.parent_session_id,
+                        EventType.CHILD_FAILED,
+                        {
+                            "child_session_id": session.id,
+                            "status": "failed",
+                            "error": session.error,
+                        },
+                    )
+        for session in live:
+            if await session_redis.token_ttl(self._redis, session.id) < self._token_ttl_s / 2:
+                token = mint_token(
+                    key=self._jwt_key,
+                    user=session.owner,
+                    ttl_s=self._token_ttl_s,
+                    session_scope=session.id,
+                )
+                await session_redis.store_token(self._redis, session.id, token, self._token_ttl_s)
+                done["tokens_renewed"] += 1
         for name, labels in (await self._runtime.list_managed_volumes()).items():
             per_session = name.startswith(("ccgate-ws-", "ccgate-cfg-"))
             if per_session and labels.get(LABEL_SESSION) not in sessions:
@@ -105,12 +149,8 @@ class Reaper:
                 done["volumes_removed"] += 1
         return done
 
-    async def _fail(self, db: AsyncSession, session: Session, reason: str) -> None:
+    async def _fail_turns(self, db: AsyncSession, session: Session, reason: str) -> None:
         logger.warning("reaper: session %s failed: %s", session.id, reason)
-        session.status = SessionStatus.FAILED
-        session.error = reason
-        session.last_activity = utcnow()
-        db.add(session)
         rows = await db.exec(
             select(Turn).where(
                 Turn.session_id == session.id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
@@ -11,6 +12,8 @@ from gateway.errors import DependencyUnavailable
 from wrapper.protocol import (
     LEDGER_GROUP,
     ControlMessage,
+    ControlType,
+    EventType,
     SessionSpec,
     TurnRequest,
     control_key,
@@ -20,6 +23,7 @@ from wrapper.protocol import (
     redis_username,
     session_prefix,
     spec_key,
+    token_key,
 )
 
 # What a session container may do: its own keys and channels, no admin or dangerous commands.
@@ -43,9 +47,15 @@ def _redis_error(exc: Exception) -> DependencyUnavailable:
 
 
 async def provision(
-    client: aioredis.Redis, spec: SessionSpec, *, acl: bool
+    client: aioredis.Redis,
+    spec: SessionSpec,
+    *,
+    acl: bool,
+    token: str | None = None,
+    token_ttl_s: int = 3600,
 ) -> tuple[str | None, str | None]:
-    """Write the spec, create the ledger's consumer group and (``acl``) the session's ACL user.
+    """Write the spec (and the session token), create the ledger's consumer group and
+    (``acl``) the session's ACL user.
 
     Returns (username, password) for the container, or (None, None) without ACL.
     Raises DependencyUnavailable("redis", ...).
@@ -53,6 +63,8 @@ async def provision(
     sid = spec.session_id
     try:
         await client.set(spec_key(sid), spec.to_json())
+        if token is not None:
+            await client.set(token_key(sid), token, ex=token_ttl_s)
         await ensure_ledger_group(client, sid)
         if not acl:
             return None, None
@@ -100,6 +112,7 @@ async def purge(client: aioredis.Redis, session_id: str) -> None:
             input_key(session_id),
             control_key(session_id),
             events_key(session_id),
+            token_key(session_id),
         )
     except (RedisError, OSError) as exc:
         raise _redis_error(exc) from exc
@@ -125,6 +138,34 @@ async def drain_turns(client: aioredis.Redis, session_id: str) -> list[TurnReque
     return [TurnRequest.from_json(item) for item in raw]
 
 
+async def store_token(client: aioredis.Redis, session_id: str, token: str, ttl_s: int) -> None:
+    """Replace the session's token (renewal); it expires with the token."""
+    try:
+        await client.set(token_key(session_id), token, ex=ttl_s)
+    except (RedisError, OSError) as exc:
+        raise _redis_error(exc) from exc
+
+
+async def token_ttl(client: aioredis.Redis, session_id: str) -> int:
+    """Seconds left on the session's stored token (negative when missing)."""
+    try:
+        return int(await client.ttl(token_key(session_id)))
+    except (RedisError, OSError) as exc:
+        raise _redis_error(exc) from exc
+
+
+async def notify(
+    client: aioredis.Redis, session_id: str, event: EventType, data: dict[str, Any]
+) -> None:
+    """Ask a session's wrapper to publish a child_* event in its stream (best effort: a
+    stopped session has no reader, and its keys go with it)."""
+    message = ControlMessage(type=ControlType.NOTIFY, event=event.value, data=data)
+    try:
+        await client.rpush(control_key(session_id), message.to_json())
+    except (RedisError, OSError) as exc:
+        raise _redis_error(exc) from exc
+
+
 async def push_control(client: aioredis.Redis, session_id: str, message: ControlMessage) -> None:
     """Send a control message (interrupt) to the wrapper."""
     try:
@@ -137,9 +178,12 @@ __all__ = [
     "drain_turns",
     "ensure_ledger_group",
     "live_channel",
+    "notify",
     "provision",
     "purge",
     "push_control",
     "push_turn",
     "revoke_access",
+    "store_token",
+    "token_ttl",
 ]

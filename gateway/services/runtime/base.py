@@ -10,6 +10,9 @@ LABEL_MANAGED = "ccgate.managed"
 LABEL_SESSION = "ccgate.session_id"
 LABEL_OWNER = "ccgate.owner"
 LABEL_WORKSPACE = "ccgate.workspace"
+LABEL_HELPER = (
+    "ccgate.helper"  # short-lived helper containers (volume copies); the reaper skips them
+)
 
 
 class ContainerState(StrEnum):
@@ -100,6 +103,12 @@ class ContainerRuntime(abc.ABC):
     @abc.abstractmethod
     async def list_managed(self) -> list[ContainerInfo]:
         """Every container carrying the ``ccgate.managed`` label."""
+
+    @abc.abstractmethod
+    async def copy_volume(
+        self, source: str, target: str, *, image: str, labels: dict[str, str]
+    ) -> None:
+        """Copy every file of volume ``source`` into volume ``target`` (ownership kept)."""
 
     @abc.abstractmethod
     async def list_managed_volumes(self) -> dict[str, dict[str, str]]:

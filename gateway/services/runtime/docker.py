@@ -10,12 +10,13 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import docker
-from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.errors import APIError, ContainerError, DockerException, ImageNotFound, NotFound
 from docker.types import LogConfig
 from requests.exceptions import RequestException
 
 from gateway.errors import ContainerStartFailed, DependencyUnavailable
 from gateway.services.runtime.base import (
+    LABEL_HELPER,
     LABEL_MANAGED,
     LABEL_SESSION,
     ContainerInfo,
@@ -218,6 +219,33 @@ class DockerRuntime(ContainerRuntime):
             lambda: self._docker().containers.list(all=True, filters={"label": LABEL_MANAGED})
         )
         return [_info(c) for c in containers]
+
+    async def copy_volume(
+        self, source: str, target: str, *, image: str, labels: dict[str, str]
+    ) -> None:
+        """Run a throwaway container of ``image`` (no network, no capabilities but the ones
+        ``cp -a`` needs as the session user) that copies ``source`` into ``target``."""
+
+        def _copy() -> None:
+            self._docker().containers.run(
+                image,
+                entrypoint=["cp", "-a", "/from/.", "/to/"],
+                volumes={
+                    source: {"bind": "/from", "mode": "ro"},
+                    target: {"bind": "/to", "mode": "rw"},
+                },
+                user="1000:1000",
+                network_disabled=True,
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges:true"],
+                labels={**labels, LABEL_MANAGED: "true", LABEL_HELPER: "copy"},
+                remove=True,
+            )
+
+        try:
+            await self._call(_copy)
+        except (APIError, ContainerError) as exc:
+            raise ContainerStartFailed(f"copying workspace {source}: {exc}") from exc
 
     async def list_managed_volumes(self) -> dict[str, dict[str, str]]:
         """Names and labels of every volume carrying a ``ccgate.session_id`` label."""

@@ -1,0 +1,169 @@
+"""Session trees: spawn limits that hold under concurrency, and the end of a live session.
+
+A tree is a root session and everything spawned under it. Its counters live in one SpawnTree row
+and in each parent's ``live_children``. Admission of a child is a series of conditional UPDATEs
+(``... SET n = n + 1 WHERE n < limit``) in the transaction that inserts the child: the database
+serialises them on the row (PostgreSQL row lock, SQLite write lock), so 20 concurrent spawns
+against a limit of 5 admit exactly 5. A refusal rolls the transaction back and names the limit.
+
+Every path that ends a live session goes through :func:`end_session`, which flips the status
+with a conditional UPDATE and releases the live counters exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import or_, update
+from sqlalchemy.sql.dml import UpdateBase
+from sqlmodel import col
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from gateway.db.models import Session, SessionStatus, SpawnTree, utcnow
+from gateway.errors import Conflict
+
+_LIVE = [SessionStatus.STARTING, SessionStatus.IDLE, SessionStatus.RUNNING]
+
+
+class SpawnRefused(Conflict):
+    """A spawn limit would be exceeded; the message names the limit and its value."""
+
+    code = "spawn_refused"
+
+
+@dataclass(frozen=True)
+class SpawnLimits:
+    """Limits of a tree (from Settings)."""
+
+    max_depth: int
+    max_children: int
+    max_live: int
+    max_sessions: int
+
+
+async def _bump(db: AsyncSession, statement: UpdateBase) -> bool:
+    result = await db.exec(statement)
+    return bool(result.rowcount == 1)
+
+
+async def admit_child(db: AsyncSession, *, parent: Session, limits: SpawnLimits) -> float | None:
+    """Reserve room for one child of ``parent`` in the current transaction.
+
+    Returns the tree's remaining cost budget in USD (None when unlimited). Raises SpawnRefused
+    (after rolling back) when depth, children, live sessions, sessions created or budget would
+    be exceeded.
+    """
+    depth = parent.depth + 1
+    if depth > limits.max_depth:
+        raise SpawnRefused(
+            f"spawn refused: max_spawn_depth is {limits.max_depth}; "
+            f"a child of session {parent.id} would be at depth {depth}"
+        )
+    tree_id = parent.root_id
+    checks: list[tuple[UpdateBase, str]] = [
+        (
+            update(SpawnTree)
+            .where(col(SpawnTree.root_id) == tree_id)
+            .where(col(SpawnTree.sessions_created) < limits.max_sessions)
+            .values(sessions_created=col(SpawnTree.sessions_created) + 1),
+            f"spawn refused: max_sessions_per_tree is {limits.max_sessions} "
+            "(sessions ever created in this tree, root included)",
+        ),
+        (
+            update(SpawnTree)
+            .where(col(SpawnTree.root_id) == tree_id)
+            .where(col(SpawnTree.live_sessions) < limits.max_live)
+            .values(live_sessions=col(SpawnTree.live_sessions) + 1),
+            f"spawn refused: max_live_sessions_per_tree is {limits.max_live}",
+        ),
+        (
+            update(Session)
+            .where(col(Session.id) == parent.id)
+            .where(col(Session.live_children) < limits.max_children)
+            .values(live_children=col(Session.live_children) + 1),
+            f"spawn refused: max_children_per_session is {limits.max_children} "
+            f"(live children of session {parent.id})",
+        ),
+        (
+            update(SpawnTree)
+            .where(col(SpawnTree.root_id) == tree_id)
+            .where(
+                or_(
+                    col(SpawnTree.budget_usd).is_(None),
+                    col(SpawnTree.spend_usd) < col(SpawnTree.budget_usd),
+                )
+            )
+            .values(spend_usd=col(SpawnTree.spend_usd)),
+            "spawn refused: the tree's cost budget is spent",
+        ),
+    ]
+    for statement, refusal in checks:
+        if not await _bump(db, statement):
+            await db.rollback()
+            raise SpawnRefused(refusal)
+    tree = await db.get(SpawnTree, tree_id)
+    if tree is None or tree.budget_usd is None:
+        return None
+    await db.refresh(tree)
+    return max(0.0, tree.budget_usd - tree.spend_usd)
+
+
+async def release_admission(db: AsyncSession, *, session: Session) -> None:
+    """Undo :func:`admit_child` for a child whose creation failed (counts nothing)."""
+    await db.exec(
+        update(SpawnTree)
+        .where(col(SpawnTree.root_id) == session.root_id)
+        .values(
+            sessions_created=col(SpawnTree.sessions_created) - 1,
+            live_sessions=col(SpawnTree.live_sessions) - 1,
+        )
+    )
+    if session.parent_session_id:
+        await db.exec(
+            update(Session)
+            .where(col(Session.id) == session.parent_session_id)
+            .values(live_children=col(Session.live_children) - 1)
+        )
+
+
+async def end_session(
+    db: AsyncSession, session: Session, status: SessionStatus, error: str | None = None
+) -> bool:
+    """Move a live session to stopped/failed and release its live counters, exactly once.
+
+    Returns False (and changes nothing) when the session had already ended. The caller commits.
+    """
+    values: dict[str, object] = {"status": status, "last_activity": utcnow()}
+    if error is not None:
+        values["error"] = error
+    flipped = await _bump(
+        db,
+        update(Session)
+        .where(col(Session.id) == session.id)
+        .where(col(Session.status).in_(_LIVE))
+        .values(**values),
+    )
+    if flipped:
+        await db.exec(
+            update(SpawnTree)
+            .where(col(SpawnTree.root_id) == session.root_id)
+            .values(live_sessions=col(SpawnTree.live_sessions) - 1)
+        )
+        if session.parent_session_id:
+            await db.exec(
+                update(Session)
+                .where(col(Session.id) == session.parent_session_id)
+                .values(live_children=col(Session.live_children) - 1)
+            )
+    await db.refresh(session)
+    return flipped
+
+
+async def add_spend(db: AsyncSession, *, root_id: str, delta_usd: float) -> None:
+    """Roll a session's new spend up into its tree."""
+    if delta_usd:
+        await db.exec(
+            update(SpawnTree)
+            .where(col(SpawnTree.root_id) == root_id)
+            .values(spend_usd=col(SpawnTree.spend_usd) + delta_usd)
+        )
