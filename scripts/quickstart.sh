@@ -50,7 +50,7 @@ else
 fi
 
 if ! curl -sf "http://127.0.0.1:$port/health" >/dev/null; then
-  nohup .venv/bin/ccgate serve --port "$port" > "$data_dir/gateway.log" 2>&1 &
+  nohup .venv/bin/ccgate serve --host 0.0.0.0 --port "$port" > "$data_dir/gateway.log" 2>&1 &
   echo $! >> "$pids"
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done
 fi

@@ -200,11 +200,14 @@ class GatewayServer:
     def __init__(self, settings: Settings) -> None:
         from gateway.main import create_app
 
-        self.settings = settings
         self.port = free_port()
+        # Containers call the gateway (ccgate MCP tools) through the host gateway address.
+        if settings.container_gateway_url is None:
+            settings.container_gateway_url = f"http://host.docker.internal:{self.port}"
+        self.settings = settings
         self.app = create_app(settings)
         config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", ws_max_size=1 << 26
+            self.app, host="0.0.0.0", port=self.port, log_level="warning", ws_max_size=1 << 26
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="gateway", daemon=True)

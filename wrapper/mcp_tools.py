@@ -75,7 +75,7 @@ def _summary(session: dict[str, Any]) -> dict[str, Any]:
     return {k: session.get(k) for k in keys}
 
 
-@server.tool()
+@server.tool(structured_output=False)
 async def spawn_session(
     prompt: str, workspace: str = "ephemeral", config: dict[str, Any] | None = None
 ) -> str:
@@ -90,14 +90,14 @@ async def spawn_session(
     return json.dumps(await _api("POST", f"/sessions/{SESSION_ID}/spawn", body))
 
 
-@server.tool()
+@server.tool(structured_output=False)
 async def send_message(session_id: str, prompt: str) -> str:
     """Send another prompt to a descendant session; returns JSON {message_id, status}."""
     body = {"prompt": prompt, "stream": True}
     return json.dumps(await _api("POST", f"/sessions/{session_id}/chat", body))
 
 
-@server.tool()
+@server.tool(structured_output=False)
 async def wait_for_result(session_id: str, timeout_seconds: float = 600) -> str:
     """Wait for a descendant's latest turn to finish; returns JSON with its ``result`` text,
     status, is_error and cost."""
@@ -108,20 +108,20 @@ async def wait_for_result(session_id: str, timeout_seconds: float = 600) -> str:
     return json.dumps({"session_id": session_id, **result})
 
 
-@server.tool()
+@server.tool(structured_output=False)
 async def get_session(session_id: str) -> str:
     """Status, turns, cost and children of a descendant session (JSON)."""
     return json.dumps(_summary(await _api("GET", f"/sessions/{session_id}")))
 
 
-@server.tool()
+@server.tool(structured_output=False)
 async def list_children() -> str:
     """This session's children (JSON list of their status, turns and cost)."""
     children = await _api("GET", f"/sessions/{SESSION_ID}/children")
     return json.dumps([_summary(c) for c in children["children"]])
 
 
-@server.tool()
+@server.tool(structured_output=False)
 async def stop_session(session_id: str) -> str:
     """Stop a descendant session and its own subtree; returns its final status (JSON)."""
     return json.dumps(_summary(await _api("POST", f"/sessions/{session_id}/stop")))

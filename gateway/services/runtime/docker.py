@@ -65,7 +65,7 @@ class DockerRuntime(ContainerRuntime):
     async def _call(self, fn: Callable[[], T]) -> T:
         try:
             return await asyncio.to_thread(fn)
-        except (APIError, NotFound):
+        except (APIError, NotFound, ContainerError):
             raise
         except (DockerException, *_UNREACHABLE) as exc:
             raise DependencyUnavailable("docker", str(exc)) from exc
@@ -229,10 +229,12 @@ class DockerRuntime(ContainerRuntime):
         def _copy() -> None:
             self._docker().containers.run(
                 image,
-                entrypoint=["cp", "-a", "/from/.", "/to/"],
+                # Mounted first at /workspace, the new volume takes that directory's owner
+                # (the session user) from the image.
+                entrypoint=["cp", "-a", "/from/.", "/workspace/"],
                 volumes={
                     source: {"bind": "/from", "mode": "ro"},
-                    target: {"bind": "/to", "mode": "rw"},
+                    target: {"bind": "/workspace", "mode": "rw"},
                 },
                 user="1000:1000",
                 network_disabled=True,

@@ -57,3 +57,14 @@ def test_exp_and_sub_are_required() -> None:
 def test_garbage_is_refused() -> None:
     with pytest.raises(InvalidToken):
         decode_token("not-a-jwt", key=KEY)
+
+
+def test_a_session_token_carries_its_scope_and_a_user_token_none() -> None:
+    scoped = mint_token(key=KEY, user="alice", ttl_s=60, session_scope="s-1")
+    assert decode_token(scoped, key=KEY).session_scope == "s-1"
+    assert decode_token(mint_token(key=KEY, user="alice", ttl_s=60), key=KEY).session_scope is None
+    bad = jwt.encode(
+        {"sub": "a", "exp": int(time.time()) + 60, "ccgate_session": 5}, KEY, algorithm="HS256"
+    )
+    with pytest.raises(InvalidToken, match="scope"):
+        decode_token(bad, key=KEY)

@@ -38,3 +38,16 @@ def test_blank_prompts_are_refused() -> None:
     with pytest.raises(ValidationError, match="non-whitespace"):
         ChatRequest(prompt="  \n ")
     assert ChatRequest(prompt="hi").stream is True
+
+
+def test_spawn_requests_take_inherit_clone_or_ephemeral_and_a_real_callback_url() -> None:
+    from gateway.schemas import SpawnRequest
+
+    assert SpawnRequest(prompt="p").workspace.type.value == "ephemeral"
+    assert SpawnRequest.model_validate({"prompt": "p", "workspace": {"type": "clone"}})
+    with pytest.raises(ValidationError):
+        SpawnRequest.model_validate({"prompt": "p", "workspace": {"type": "persistent"}})
+    with pytest.raises(ValidationError):
+        SpawnRequest.model_validate({"prompt": "p", "callback": "not a url"})
+    with pytest.raises(ValidationError, match="non-whitespace"):
+        SpawnRequest(prompt=" ")

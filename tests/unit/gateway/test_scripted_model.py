@@ -52,3 +52,26 @@ def test_failures_braces_and_echo() -> None:
     assert script_reply(_body(_user("braces"))).blocks[0].text == BRACES_TEXT
     assert script_reply(_body(_user("hello"))).blocks[0].text == "Echo: hello"
     assert script_reply(_body(_user("slow 2"))).slow_s == 2.0
+
+
+def test_spawn_calls_the_ccgate_tools_then_quotes_the_child() -> None:
+    first = script_reply(_body(_user("spawn clone echo hi")))
+    assert first.blocks[0].name == "mcp__ccgate__spawn_session"
+    assert first.blocks[0].input == {"prompt": "echo hi", "workspace": "clone"}
+
+    def after(result: str, steps: int) -> Any:
+        messages: list[dict[str, Any]] = [_user("spawn echo hi")]
+        for _ in range(steps):
+            messages += [
+                {"role": "assistant", "content": []},
+                {"role": "user", "content": [{"type": "tool_result", "content": result}]},
+            ]
+        return script_reply(_body(*messages))
+
+    waiting = after('{"child_session_id": "c-1"}', 1)
+    assert waiting.blocks[0].name == "mcp__ccgate__wait_for_result"
+    assert waiting.blocks[0].input["session_id"] == "c-1"
+    refused = after("spawn refused: max_spawn_depth is 2 (HTTP 409)", 1)
+    assert refused.blocks[0].text.startswith("Spawn failed: spawn refused")
+    done = after('{"result": "Echo: hi"}', 2)
+    assert done.blocks[0].text == "Child said: Echo: hi"

@@ -56,3 +56,27 @@ def test_user_line_is_one_stream_json_message() -> None:
 def test_cli_environment_drops_claudecode_and_the_redis_credentials() -> None:
     env = cli_environment({"CLAUDECODE": "1", "CCGATE_REDIS_URL": "redis://u:p@h", "KEEP": "x"})
     assert env == {"KEEP": "x"}
+
+
+def test_the_ccgate_tools_join_the_sessions_own_mcp_servers() -> None:
+    from wrapper.cli_process import ccgate_mcp_server
+
+    tools = ccgate_mcp_server(
+        python="/opt/ccgate/bin/python",
+        gateway_url="http://gw:8000",
+        session_id="u-3",
+        token_file="/state/token",
+    )
+    spec = SessionSpec(session_id="u-3", mcp_servers={"mine": {"command": "x"}})
+    args = build_cli_args(
+        spec, claude_bin="claude", resume=False, extra_mcp_servers={"ccgate": tools}
+    )
+    mcp = json.loads(next(a for a in args if a.startswith("--mcp-config=")).split("=", 1)[1])
+    assert set(mcp["mcpServers"]) == {"mine", "ccgate"}
+    assert mcp["mcpServers"]["ccgate"]["args"] == ["-m", "wrapper.mcp_tools"]
+    # No secret on the command line: the tools read the token from a file.
+    assert set(mcp["mcpServers"]["ccgate"]["env"]) == {
+        "CCGATE_GATEWAY_URL",
+        "CCGATE_SESSION_ID",
+        "CCGATE_TOKEN_FILE",
+    }

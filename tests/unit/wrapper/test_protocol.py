@@ -90,3 +90,12 @@ def test_spec_turn_and_control_round_trip() -> None:
     assert ControlMessage.from_json('{"type":"interrupt"}').type is ControlType.INTERRUPT
     with pytest.raises(ValueError):
         ControlMessage.from_json('{"type":"reboot"}')
+
+
+def test_notifications_carry_only_child_events() -> None:
+    message = ControlMessage(
+        type=ControlType.NOTIFY, event="child_result", data={"child_session_id": "c"}
+    )
+    assert ControlMessage.from_json(message.to_json()) == message
+    with pytest.raises(ValueError, match="unknown notification"):
+        ControlMessage.from_json('{"type":"notify","event":"exited","data":{}}')
