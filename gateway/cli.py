@@ -94,6 +94,10 @@ def render(event: dict[str, Any]) -> str | None:
     if kind == "turn_completed":
         files = ", ".join(f["path"] for f in data.get("files") or []) or "none"
         return f"● turn completed; files changed: {files}"
+    if kind in ("child_spawned", "child_result", "child_failed", "child_stopped"):
+        child = str(data.get("child_session_id", ""))[:8]
+        detail = data.get("result") or data.get("error") or data.get("status") or ""
+        return f"↳ {kind} {child} {str(detail)[:200]}".rstrip()
     if kind in ("error", "cli_restarted", "exited"):
         return f"! {kind}: {json.dumps(data)[:300]}"
     return None
