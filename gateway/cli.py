@@ -178,3 +178,7 @@ def chat(
     if workspace_id:
         create["workspace"] = {"type": "persistent", "id": workspace_id}
     sys.exit(asyncio.run(_chat(url, tok, session_id, prompt, create)))
+
+
+if __name__ == "__main__":
+    main()

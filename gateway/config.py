@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     reaper_grace_s: float = 45.0
     """A live session whose container is gone is failed only after this long without activity."""
     stream_maxlen: int = 10_000
+    ledger_claim_idle_s: float = 30.0
+    """A replica takes over ledger entries another one left unacknowledged this long."""
 
     max_spawn_depth: int = 5
     """Deepest allowed session (the root is depth 0)."""

@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             redis=redis,
             jwt_key=settings.jwt_key(),
             token_ttl_s=settings.session_token_ttl_s,
+            session_acl=settings.session_redis_acl,
             interval_s=settings.reaper_interval_s,
             grace_s=max(settings.reaper_grace_s, settings.stop_timeout_s + 5),
         )

@@ -70,6 +70,8 @@ class RedisServer:
     port: int = field(default_factory=free_port)
     password: str = "ccgate-test"
     proc: subprocess.Popen[bytes] | None = None
+    data_dir: str | None = None
+    """With a directory, Redis keeps an append-only file there and survives restarts."""
 
     @property
     def url(self) -> str:
@@ -86,7 +88,8 @@ class RedisServer:
                 "--bind", "0.0.0.0",
                 "--requirepass", self.password,
                 "--save", "",
-                "--appendonly", "no",
+                "--appendonly", "yes" if self.data_dir else "no",
+                "--dir", self.data_dir or tempfile.gettempdir(),
                 "--protected-mode", "no",
             ],
             stdout=subprocess.DEVNULL,
@@ -232,3 +235,72 @@ class GatewayServer:
         """Graceful shutdown (runs the lifespan's close)."""
         self._server.should_exit = True
         self._thread.join(timeout=30)
+
+
+class GatewayProcess:
+    """``ccgate serve`` as a separate process (a replica that can be SIGKILLed), configured
+    through the environment like a deployment."""
+
+    def __init__(self, settings: dict[str, object]) -> None:
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CCGATE_")}
+        env.update({f"CCGATE_{k.upper()}": str(v) for k, v in settings.items()})
+        env["CCGATE_HOST"] = "0.0.0.0"
+        env["CCGATE_PORT"] = str(self.port)
+        env.setdefault("CCGATE_CONTAINER_GATEWAY_URL", f"http://host.docker.internal:{self.port}")
+        self._env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = Path(tempfile.mkstemp(prefix="ccgate-gw-", suffix=".log")[1])
+
+    @property
+    def url(self) -> str:
+        """http://127.0.0.1:PORT"""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        """ws://127.0.0.1:PORT"""
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self) -> GatewayProcess:
+        """Start and wait until /health answers."""
+        import urllib.error
+        import urllib.request
+
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [os.sys.executable, "-m", "gateway.cli", "serve"],
+                env=self._env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                    return True
+            except urllib.error.HTTPError:
+                return True  # answering, even if degraded
+            except OSError:
+                assert self.proc is not None and self.proc.poll() is None, self.log_path.read_text()
+                return False
+
+        wait_until(healthy, timeout_s=60, what=f"gateway process (log {self.log_path})")
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def stop(self) -> None:
+        """SIGTERM and wait."""
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None

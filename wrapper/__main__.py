@@ -17,6 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from wrapper.config import WrapperConfig
+from wrapper.outbox import Outbox
 from wrapper.protocol import SessionSpec, spec_key
 from wrapper.publisher import EventPublisher
 from wrapper.runner import SessionRunner
@@ -65,7 +66,12 @@ async def amain() -> int:
         spec = await wait_for_spec(main, config.session_id, stop)
         if spec is None:
             return 0
-        publisher = EventPublisher(main, config.session_id, stream_maxlen=config.stream_maxlen)
+        publisher = EventPublisher(
+            main,
+            config.session_id,
+            stream_maxlen=config.stream_maxlen,
+            outbox=Outbox(config.state_dir),
+        )
         while True:
             try:
                 await publisher.start()

@@ -5,8 +5,12 @@ entry id ``<seq>-0`` (capped with MAXLEN ~), then PUBLISH the same envelope on t
 A retried event whose id is already in the stream is recognised by Redis ("equal or smaller")
 and neither appended nor published again, so retries after a lost reply never duplicate.
 
-``emit`` never blocks the caller: envelopes queue in memory and one sender task ships them in
-pipelined batches; while Redis is unreachable it keeps them and retries with backoff.
+``emit`` journals the envelope in the outbox (outbox.py) and queues it; one sender task ships
+the queue in pipelined batches and, while Redis is unreachable, keeps everything and retries with
+backoff. A restarted wrapper resends what the outbox holds undelivered.
+
+Trimming is approximate (``MAXLEN ~``) for caps of 1000 and more, exact below that (Redis only
+drops whole nodes of 100 entries when approximate).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from wrapper.outbox import Outbox
 from wrapper.protocol import (
     EventSource,
     encode_envelope,
@@ -32,7 +37,9 @@ from wrapper.protocol import (
 logger = logging.getLogger(__name__)
 
 _APPEND_AND_PUBLISH = """
-local ok = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], ARGV[1], 'e', ARGV[2])
+local how = '~'
+if tonumber(ARGV[3]) < 1000 then how = '=' end
+local ok = redis.pcall('XADD', KEYS[1], 'MAXLEN', how, ARGV[3], ARGV[1], 'e', ARGV[2])
 if type(ok) == 'table' and ok.err then
   if string.find(ok.err, 'equal or smaller', 1, true) then
     return 0
@@ -53,7 +60,14 @@ class EventPublisher:
     last entry already in the stream, so a restarted wrapper never reuses a seq.
     """
 
-    def __init__(self, client: aioredis.Redis, session_id: str, *, stream_maxlen: int) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        session_id: str,
+        *,
+        stream_maxlen: int,
+        outbox: Outbox | None = None,
+    ) -> None:
         self._redis = client
         self._session_id = session_id
         self._stream = events_key(session_id)
@@ -67,6 +81,7 @@ class EventPublisher:
         self._delivered_seq = 0
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._outbox = outbox
 
     @property
     def last_seq(self) -> int:
@@ -74,11 +89,16 @@ class EventPublisher:
         return self._last_seq
 
     async def start(self) -> None:
-        """Find the last seq in the stream, then start the sender task."""
+        """Continue after the last seq of the stream and of the outbox (whichever is higher),
+        queue what the outbox holds undelivered, then start the sender task."""
+        journal_last, undelivered = self._outbox.recover() if self._outbox else (0, [])
         last = await self._redis.xrevrange(self._stream, count=1)
-        if last:
-            entry_id = cast(bytes, last[0][0])
-            self._last_seq = self._delivered_seq = seq_of_stream_id(entry_id)
+        stream_last = seq_of_stream_id(cast(bytes, last[0][0])) if last else 0
+        self._last_seq = max(stream_last, journal_last)
+        self._delivered_seq = undelivered[0][0] - 1 if undelivered else self._last_seq
+        self._pending.extend(undelivered)
+        if undelivered:
+            self._wakeup.set()
         self._task = asyncio.create_task(self._run(), name="event-publisher")
 
     def emit(
@@ -99,6 +119,8 @@ class EventPublisher:
             data_json=data_json,
             source=source,
         )
+        if self._outbox is not None:
+            self._outbox.append(self._last_seq, envelope)
         self._pending.append((self._last_seq, envelope))
         self._wakeup.set()
         return self._last_seq
@@ -147,6 +169,8 @@ class EventPublisher:
             backoff = 0.05
             for _ in batch:
                 self._pending.popleft()
+            if self._outbox is not None:
+                self._outbox.delivered(batch[-1][0])
             async with self._delivered:
                 self._delivered_seq = batch[-1][0]
                 self._delivered.notify_all()

@@ -2,13 +2,14 @@
 
 from fastapi import APIRouter
 
-from gateway.api import artifacts, chat, family, health, sessions, stream
+from gateway.api import artifacts, chat, events, family, health, sessions, stream
 
 api_router = APIRouter(prefix="/api/v1")
 api_router.include_router(sessions.router)
 api_router.include_router(chat.router)
 api_router.include_router(family.router)
 api_router.include_router(stream.router)
+api_router.include_router(events.router)
 api_router.include_router(artifacts.router)
 api_router.include_router(health.router)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -32,6 +33,7 @@ from gateway.schemas import ChatRequest
 from gateway.services.events import SlowConsumer, follow_session
 from gateway.services.sessions import SessionService
 
+logger = logging.getLogger(__name__)
 router = APIRouter(tags=["stream"])
 
 CLOSE_UNAUTHORIZED = 4401
@@ -109,6 +111,8 @@ async def session_stream(websocket: WebSocket, session_id: str) -> None:
         async with send_lock:
             await websocket.send_text(text)
 
+    overflow = asyncio.Event()
+
     async def pump_events() -> None:
         async for raw in follow_session(
             service.hub,
@@ -116,8 +120,15 @@ async def session_stream(websocket: WebSocket, session_id: str) -> None:
             session_id,
             after_seq=after_seq,
             archive=archive_reader(state.db_factory),
+            overflow=overflow,
         ):
             await send(raw.decode("utf-8", errors="replace"))
+
+    async def watch_overflow() -> None:
+        # The pump may be blocked sending to this very client: cut it off from here.
+        await overflow.wait()
+        logger.warning("session %s: a client fell behind its buffer; disconnecting it", session_id)
+        raise SlowConsumer("the client fell a whole buffer behind; resume with after_seq")
 
     async def read_client() -> None:
         while True:
@@ -126,13 +137,24 @@ async def session_stream(websocket: WebSocket, session_id: str) -> None:
             if reply is not None:
                 await send(json.dumps(reply))
 
-    tasks = [asyncio.create_task(pump_events()), asyncio.create_task(read_client())]
+    tasks = [
+        asyncio.create_task(pump_events()),
+        asyncio.create_task(read_client()),
+        asyncio.create_task(watch_overflow()),
+    ]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             failure = task.exception()
             if isinstance(failure, SlowConsumer):
-                await websocket.close(code=CLOSE_SLOW_CONSUMER, reason=str(failure)[:120])
+                # Drop the subscription (and its buffer) now; the close frame then waits behind
+                # what the transport already holds, so a client that reads again gets its
+                # buffered events and then 4429.
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                with contextlib.suppress(Exception):
+                    await websocket.close(code=CLOSE_SLOW_CONSUMER, reason=str(failure)[:120])
             elif isinstance(failure, GatewayError):
                 await websocket.close(code=CLOSE_DEPENDENCY, reason=failure.message[:120])
             elif failure is not None and not isinstance(

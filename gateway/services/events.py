@@ -55,22 +55,37 @@ def envelope_seq(raw: bytes) -> int:
 
 @dataclass(eq=False)
 class Subscription:
-    """One local follower of a session: a bounded queue of raw envelopes and markers."""
+    """One local follower of a session: a queue of raw envelopes and markers, bounded by
+    count (``queue.maxsize``) and by ``max_bytes``; past either bound it is overflowed: the
+    queue is dropped, ``overflow`` is set, and the follower gets SlowConsumer."""
 
     session_id: str
     queue: asyncio.Queue[bytes] = field(default_factory=lambda: asyncio.Queue(maxsize=1000))
+    max_bytes: int = 8 * 1024 * 1024
+    queued_bytes: int = 0
     overflowed: bool = False
+    overflow: asyncio.Event = field(default_factory=asyncio.Event)
 
     def deliver(self, raw: bytes) -> None:
-        """Queue without waiting; on a full queue mark the subscription overflowed."""
+        """Queue without waiting; past a bound, mark the subscription overflowed."""
         if self.overflowed:
             return
-        try:
-            self.queue.put_nowait(raw)
-        except asyncio.QueueFull:
+        if self.queued_bytes + len(raw) > self.max_bytes or self.queue.full():
             self.overflowed = True
-            self.queue.get_nowait()
+            self.overflow.set()
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.queued_bytes = 0
             self.queue.put_nowait(_OVERFLOW)
+            return
+        self.queued_bytes += len(raw)
+        self.queue.put_nowait(raw)
+
+    async def get(self) -> bytes:
+        """Next queued item."""
+        raw = await self.queue.get()
+        self.queued_bytes = max(0, self.queued_bytes - len(raw))
+        return raw
 
 
 @dataclass(eq=False)
@@ -82,11 +97,14 @@ class _Channel:
 class EventHub:
     """The process's single pub/sub connection and its fan-out to local subscriptions."""
 
-    def __init__(self, client: aioredis.Redis, *, queue_size: int = 1000) -> None:
+    def __init__(
+        self, client: aioredis.Redis, *, queue_size: int = 1000, queue_bytes: int = 8 << 20
+    ) -> None:
         self._redis = client
         self._pubsub = client.pubsub()
         self._channels: dict[bytes, _Channel] = {}
         self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
         self._task: asyncio.Task[None] | None = None
         self._anchor = f"ccgate:hub:{socket.gethostname()}:{os.getpid()}".encode()
         # Serialises (un)subscribe calls: concurrent ones could each open a connection.
@@ -122,7 +140,9 @@ class EventHub:
         Raises DependencyUnavailable("redis", ...) when Redis does not answer in 5 s.
         """
         name = live_channel(session_id).encode()
-        sub = Subscription(session_id, asyncio.Queue(maxsize=self._queue_size))
+        sub = Subscription(
+            session_id, asyncio.Queue(maxsize=self._queue_size), max_bytes=self._queue_bytes
+        )
         channel = self._channels.get(name)
         if channel is None:
             channel = self._channels[name] = _Channel()
@@ -227,14 +247,18 @@ async def follow_session(
     *,
     after_seq: int,
     archive: ArchiveReader,
+    overflow: asyncio.Event | None = None,
 ) -> AsyncIterator[bytes]:
     """Every event of a session with seq > ``after_seq``, exactly once, in order, forever.
 
     Yields raw envelope JSON (bytes), plus a :func:`gap_marker` if a range is in neither Redis
     nor the archive. Raises SlowConsumer when the caller fell a whole buffer behind, and
-    DependencyUnavailable("redis", ...) when Redis is down at the start.
+    DependencyUnavailable("redis", ...) when Redis is down at the start. ``overflow`` is set the
+    moment the buffer overflows, so a caller blocked on a slow client can cut it off at once.
     """
     sub = await hub.subscribe(session_id)
+    if overflow is not None:
+        sub.overflow = overflow
     last = after_seq
     try:
 
@@ -267,7 +291,7 @@ async def follow_session(
         async for raw in catch_up():
             yield raw
         while True:
-            raw = await sub.queue.get()
+            raw = await sub.get()
             if raw == _OVERFLOW:
                 raise SlowConsumer(f"client fell more than {sub.queue.maxsize} events behind")
             if raw == _RESYNC:

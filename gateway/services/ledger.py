@@ -63,6 +63,7 @@ logger = logging.getLogger(__name__)
 _BLOCK_MS = 200
 _REFRESH_S = 2.0
 _RECENT_S = 120.0
+
 _USAGE_KEYS = (
     "input_tokens",
     "output_tokens",
@@ -151,7 +152,28 @@ class Ledger:
         for sid in list(self._tracked):
             if sid not in wanted:
                 self._tracked.pop(sid, None)
+        await self._claim_abandoned()
         self._refreshed_at = time.monotonic()
+
+    async def _claim_abandoned(self) -> None:
+        """Take over entries a dead replica read but never acknowledged (after
+        ``ledger_claim_idle_s``)."""
+        for sid in list(self._tracked):
+            try:
+                reply = await self._redis.xautoclaim(
+                    events_key(sid),
+                    LEDGER_GROUP,
+                    self._consumer,
+                    min_idle_time=int(self._settings.ledger_claim_idle_s * 1000),
+                    start_id="0-0",
+                    count=500,
+                    justid=True,
+                )
+            except ResponseError:
+                continue  # no stream or group yet
+            if reply and reply[1]:
+                logger.info("ledger: claimed %d abandoned entries of %s", len(reply[1]), sid)
+                self._tracked[sid] = "0"
 
     async def _run(self) -> None:
         while True:
@@ -281,12 +303,14 @@ class Ledger:
                 session.status = SessionStatus.IDLE
         elif kind == EventType.TURN_STARTED and turn_id:
             turn = await db.get(Turn, turn_id)
+            # Replicas may apply a session's entries out of order: a turn already completed
+            # by another replica neither runs again nor marks the session running.
             if turn is not None and turn.status is TurnStatus.QUEUED:
                 turn.status = TurnStatus.RUNNING
                 turn.started_at = utcnow()
                 db.add(turn)
-            if session.status.live:
-                session.status = SessionStatus.RUNNING
+                if session.status.live:
+                    session.status = SessionStatus.RUNNING
         elif kind == EventType.TURN_COMPLETED and turn_id:
             turn = await self._complete_turn(db, session, turn_id, data, artifact_errors)
             if turn is not None:

@@ -6,7 +6,8 @@ Every ``interval_s`` each gateway process:
 - marks a live session failed when its container is gone or has exited without the wrapper's
   ``exited`` event (OOM kill, engine restart), after a grace period so a stop in progress or a
   just-created container is never mistaken for a crash,
-- renews each live session's token (the ccgate MCP tools' credential) before it expires.
+- renews each live session's token (the ccgate MCP tools' credential) before it expires, and
+  re-creates its Redis ACL user if Redis restarted without it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Reaper:
         redis: aioredis.Redis,
         jwt_key: str,
         token_ttl_s: int,
+        session_acl: bool,
         interval_s: float,
         grace_s: float,
     ) -> None:
@@ -52,6 +54,7 @@ class Reaper:
         self._redis = redis
         self._jwt_key = jwt_key
         self._token_ttl_s = token_ttl_s
+        self._session_acl = session_acl
         self._db = db_factory
         self._interval_s = interval_s
         self._grace = timedelta(seconds=grace_s)
@@ -133,6 +136,11 @@ class Reaper:
                         },
                     )
         for session in live:
+            if self._session_acl and await session_redis.ensure_acl_user(
+                self._redis, session.id, session_redis.acl_password(self._jwt_key, session.id)
+            ):
+                logger.warning("reaper: re-created the Redis ACL user of %s", session.id)
+                done["acl_users_restored"] = done.get("acl_users_restored", 0) + 1
             if await session_redis.token_ttl(self._redis, session.id) < self._token_ttl_s / 2:
                 token = mint_token(
                     key=self._jwt_key,

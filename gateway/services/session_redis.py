@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import secrets
+import hashlib
+import hmac
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -42,6 +43,36 @@ _ACL_CATEGORIES = [
 ]
 
 
+def acl_password(secret: str, session_id: str) -> str:
+    """The session's Redis password, derived from the gateway secret (HMAC-SHA256), so the ACL
+    user can be re-created after a Redis restart that lost it (ACL rules are not in the AOF)."""
+    return hmac.new(secret.encode(), f"redis-acl:{session_id}".encode(), hashlib.sha256).hexdigest()
+
+
+async def ensure_acl_user(client: aioredis.Redis, session_id: str, password: str) -> bool:
+    """Create the session's ACL user if it is missing; True when it had to be created."""
+    try:
+        if await client.acl_getuser(redis_username(session_id)) is not None:
+            return False
+        await _set_acl_user(client, session_id, password)
+    except (RedisError, OSError) as exc:
+        raise _redis_error(exc) from exc
+    return True
+
+
+async def _set_acl_user(client: aioredis.Redis, session_id: str, password: str) -> None:
+    prefix = session_prefix(session_id)
+    await client.acl_setuser(
+        redis_username(session_id),
+        enabled=True,
+        reset=True,
+        passwords=[f"+{password}"],
+        keys=[f"{prefix}*"],
+        channels=[f"{prefix}*"],
+        categories=_ACL_CATEGORIES,
+    )
+
+
 def _redis_error(exc: Exception) -> DependencyUnavailable:
     return DependencyUnavailable("redis", str(exc) or type(exc).__name__)
 
@@ -50,12 +81,12 @@ async def provision(
     client: aioredis.Redis,
     spec: SessionSpec,
     *,
-    acl: bool,
+    acl_secret: str | None,
     token: str | None = None,
     token_ttl_s: int = 3600,
 ) -> tuple[str | None, str | None]:
-    """Write the spec (and the session token), create the ledger's consumer group and
-    (``acl``) the session's ACL user.
+    """Write the spec (and the session token), create the ledger's consumer group and (given
+    ``acl_secret``) the session's ACL user, whose password is :func:`acl_password`.
 
     Returns (username, password) for the container, or (None, None) without ACL.
     Raises DependencyUnavailable("redis", ...).
@@ -66,20 +97,11 @@ async def provision(
         if token is not None:
             await client.set(token_key(sid), token, ex=token_ttl_s)
         await ensure_ledger_group(client, sid)
-        if not acl:
+        if acl_secret is None:
             return None, None
-        username, password = redis_username(sid), secrets.token_urlsafe(24)
-        prefix = session_prefix(sid)
-        await client.acl_setuser(
-            username,
-            enabled=True,
-            reset=True,
-            passwords=[f"+{password}"],
-            keys=[f"{prefix}*"],
-            channels=[f"{prefix}*"],
-            categories=_ACL_CATEGORIES,
-        )
-        return username, password
+        password = acl_password(acl_secret, sid)
+        await _set_acl_user(client, sid, password)
+        return redis_username(sid), password
     except (RedisError, OSError) as exc:
         raise _redis_error(exc) from exc
 
@@ -175,7 +197,9 @@ async def push_control(client: aioredis.Redis, session_id: str, message: Control
 
 
 __all__ = [
+    "acl_password",
     "drain_turns",
+    "ensure_acl_user",
     "ensure_ledger_group",
     "live_channel",
     "notify",

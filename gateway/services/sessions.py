@@ -277,7 +277,11 @@ class SessionService:
         ttl = self.settings.session_token_ttl_s
         token = mint_token(key=self.jwt_key, user=owner, ttl_s=ttl, session_scope=sid)
         username, password = await session_redis.provision(
-            self.redis, spec, acl=self.settings.session_redis_acl, token=token, token_ttl_s=ttl
+            self.redis,
+            spec,
+            acl_secret=self.jwt_key if self.settings.session_redis_acl else None,
+            token=token,
+            token_ttl_s=ttl,
         )
         await self.runtime.ensure_network(self.settings.docker_network)
         labels = {LABEL_SESSION: sid, LABEL_OWNER: owner}
@@ -438,7 +442,7 @@ class SessionService:
                         f"poll GET /api/v1/sessions/{turn.session_id}/messages/{turn.id}"
                     )
                 try:
-                    raw = await asyncio.wait_for(sub.queue.get(), min(remaining, poll))
+                    raw = await asyncio.wait_for(sub.get(), min(remaining, poll))
                     if b'"type":"turn_completed"' in raw or b'"type":"exited"' in raw:
                         poll = 0.02
                 except TimeoutError:

@@ -10,7 +10,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from tests.conftest import Api
-from tests.e2e.helpers import collect_until, turn_done
+from tests.e2e.helpers import collect_until, final_message, turn_done
 
 pytestmark = pytest.mark.e2e
 
@@ -69,7 +69,7 @@ async def test_interrupt_stops_a_slow_turn_and_the_session_goes_on(make_api: Any
     assert (
         next(e for e in more if e["type"] == "result")["data"]["result"] == "Echo: echo still here"
     )
-    message = (await api.http.get(f"/api/v1/sessions/{sid}/messages/{slow}")).json()
+    message = await final_message(api.http, sid, slow)
     assert message["status"] == "interrupted"
 
 
@@ -139,5 +139,5 @@ async def test_stop_during_a_turn_ends_it_and_emits_exited(make_api: Any) -> Non
     types = [e["type"] for e in events]
     assert "turn_completed" in types and types[-1] == "exited"
     assert events[-1]["data"]["reason"] == "stopped"
-    message = (await api.http.get(f"/api/v1/sessions/{sid}/messages/{slow}")).json()
+    message = await final_message(api.http, sid, slow)
     assert message["status"] in ("interrupted", "cancelled")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from pathlib import Path
 
 import redis.asyncio as aioredis
 
 from tests.servers import RedisServer
+from wrapper.outbox import Outbox
 from wrapper.protocol import EventSource, events_key, live_channel
 from wrapper.publisher import EventPublisher
 
@@ -82,3 +84,46 @@ async def test_a_resent_event_is_not_appended_or_published_twice(redis_server: R
     await publisher.close(1)
     await client.aclose()
     await asyncio.sleep(0)
+
+
+async def test_a_wrapper_restarted_during_an_outage_delivers_its_journal(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer().start()
+    sid = str(uuid.uuid4())
+    client = aioredis.Redis.from_url(server.url, socket_connect_timeout=1)
+    first = EventPublisher(client, sid, stream_maxlen=1000, outbox=Outbox(str(tmp_path)))
+    await first.start()
+    first.emit("a", "{}", source=EventSource.CLI, turn_id=None)
+    assert await first.flush(5)
+    server.stop()
+    for n in range(10):
+        first.emit("b", json.dumps({"n": n}), source=EventSource.CLI, turn_id=None)
+    await first.close(0.5)  # the wrapper dies with 10 events undelivered
+    server.proc = None
+    restarted = RedisServer(port=server.port, password=server.password).start()
+    try:
+        second = EventPublisher(client, sid, stream_maxlen=1000, outbox=Outbox(str(tmp_path)))
+        await second.start()
+        assert second.emit("c", "{}", source=EventSource.CLI, turn_id=None) == 12
+        assert await second.flush(10)
+        entries = await client.xrange(events_key(sid))
+        assert [int(e[0].split(b"-")[0]) for e in entries] == list(range(2, 13))
+        await second.close(1)
+    finally:
+        await client.aclose()
+        restarted.stop()
+
+
+async def test_a_small_cap_trims_the_stream_exactly(redis_server: RedisServer) -> None:
+    sid = str(uuid.uuid4())
+    client = aioredis.Redis.from_url(redis_server.url)
+    publisher = EventPublisher(client, sid, stream_maxlen=5)
+    await publisher.start()
+    for _ in range(30):
+        publisher.emit("x", "{}", source=EventSource.CLI, turn_id=None)
+    assert await publisher.flush(5)
+    entries = await client.xrange(events_key(sid))
+    assert [int(e[0].split(b"-")[0]) for e in entries] == list(range(26, 31))
+    await publisher.close(1)
+    await client.aclose()

@@ -18,8 +18,11 @@ async def test_a_session_user_is_confined_to_its_own_keys_and_channels(
 ) -> None:
     admin = aioredis.Redis.from_url(redis_server.url)
     mine, theirs = str(uuid.uuid4()), str(uuid.uuid4())
-    user, password = await session_redis.provision(admin, SessionSpec(session_id=mine), acl=True)
-    await session_redis.provision(admin, SessionSpec(session_id=theirs), acl=False)
+    user, password = await session_redis.provision(
+        admin, SessionSpec(session_id=mine), acl_secret="gateway-secret"
+    )
+    await session_redis.provision(admin, SessionSpec(session_id=theirs), acl_secret=None)
+    assert password == session_redis.acl_password("gateway-secret", mine)
     assert user is not None
     container = aioredis.Redis(
         host="127.0.0.1", port=redis_server.port, username=user, password=password
@@ -37,6 +40,16 @@ async def test_a_session_user_is_confined_to_its_own_keys_and_channels(
     with pytest.raises(NoPermissionError):
         await container.flushall()
     await container.aclose()
+
+    # Redis lost its ACL rules (a restart): the same credentials work once re-created.
+    await admin.acl_deluser(user)
+    assert await session_redis.ensure_acl_user(admin, mine, password) is True
+    assert await session_redis.ensure_acl_user(admin, mine, password) is False
+    again = aioredis.Redis(
+        host="127.0.0.1", port=redis_server.port, username=user, password=password
+    )
+    assert await again.get(spec_key(mine)) is not None
+    await again.aclose()
 
     await session_redis.purge(admin, mine)
     assert await admin.exists(spec_key(mine), events_key(mine)) == 0
