@@ -5,15 +5,33 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_ENV = frozenset(
     {"HOME", "PATH", "USER", "CLAUDE_CONFIG_DIR", "CLAUDECODE", "PYTHONPATH", "LD_PRELOAD"}
 )
 _TOOL_RULE = re.compile(r"^[A-Za-z0-9_.*:-]+(\(.{0,500}\))?$")
+
+
+def _not_blank(prompt: str) -> str:
+    if not prompt.strip():
+        raise ValueError("prompt must contain non-whitespace text")
+    return prompt
+
+
+Prompt = Annotated[str, Field(min_length=1, max_length=1_000_000), AfterValidator(_not_blank)]
+"""A prompt for the CLI: 1 byte to 1 MB, not only whitespace."""
 
 
 class _Strict(BaseModel):
@@ -117,18 +135,11 @@ class SpawnWorkspace(_Strict):
 class SpawnRequest(_Strict):
     """``POST /sessions/{id}/spawn`` body; config fields not given are inherited."""
 
-    prompt: str = Field(min_length=1, max_length=1_000_000)
+    prompt: Prompt
     workspace: SpawnWorkspace = Field(default_factory=SpawnWorkspace)
     config: SessionConfig = Field(default_factory=SessionConfig)
     callback: AnyHttpUrl | None = None
     """Receives a POST of each of the child's turn results (JSON, like the child_result event)."""
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt must contain non-whitespace text")
-        return prompt
 
 
 class SpawnCreated(BaseModel):
@@ -198,16 +209,9 @@ class ChatRequest(_Strict):
     """``POST /sessions/{id}/chat`` body. ``timeout_seconds`` bounds the turn (the wrapper
     interrupts it when exceeded) and, with ``stream=false``, the wait for its result."""
 
-    prompt: str = Field(min_length=1, max_length=1_000_000)
+    prompt: Prompt
     stream: bool = True
     timeout_seconds: float | None = Field(default=None, gt=0, le=86_400)
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt must contain non-whitespace text")
-        return prompt
 
 
 class ChatAccepted(BaseModel):

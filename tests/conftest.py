@@ -80,6 +80,31 @@ def make_settings(tmp: Path, **overrides: Any) -> Settings:
     return Settings(**base)
 
 
+def full_stack_settings(
+    tmp: Path,
+    redis: RedisServer,
+    postgres: PostgresServer,
+    s3: S3Server,
+    model: ScriptedModelServer,
+    **overrides: Any,
+) -> Settings:
+    """Settings for a gateway on every real dependency, with fast reaper sweeps for tests."""
+    return make_settings(
+        tmp,
+        database_url=postgres.url,
+        redis_url=redis.url,
+        s3_endpoint=s3.endpoint,
+        s3_access_key=s3.access_key,
+        s3_secret_key=s3.secret_key,
+        anthropic_base_url=f"http://host.docker.internal:{model.port}",
+        anthropic_api_key="sk-ant-scripted",
+        container_memory="1g",
+        reaper_interval_s=1.0,
+        reaper_grace_s=3.0,
+        **overrides,
+    )
+
+
 class Api:
     """An httpx client logged in as one user."""
 
@@ -111,18 +136,8 @@ def e2e_gateway(
     docker_client: docker.DockerClient,
 ) -> Iterator[GatewayServer]:
     """The gateway on PostgreSQL + S3 + Redis + Docker with the scripted model."""
-    settings = make_settings(
-        tmp_path_factory.mktemp("gw-e2e"),
-        database_url=postgres_server.url,
-        redis_url=redis_server.url,
-        s3_endpoint=s3_server.endpoint,
-        s3_access_key=s3_server.access_key,
-        s3_secret_key=s3_server.secret_key,
-        anthropic_base_url=f"http://host.docker.internal:{scripted_model.port}",
-        anthropic_api_key="sk-ant-scripted",
-        container_memory="1g",
-        reaper_interval_s=1.0,
-        reaper_grace_s=3.0,
+    settings = full_stack_settings(
+        tmp_path_factory.mktemp("gw-e2e"), redis_server, postgres_server, s3_server, scripted_model
     )
     gateway = GatewayServer(settings).start()
     yield gateway

@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed
 
 from gateway.auth import mint_token
 from gateway.scripted_model import ScriptedModelServer
-from tests.conftest import Api, make_settings
+from tests.conftest import Api, full_stack_settings
 from tests.e2e.helpers import collect_until, turn_done
 from tests.servers import GatewayServer, PostgresServer, RedisServer, S3Server
 
@@ -32,16 +32,12 @@ def spawn_gateway(
     docker_client: docker.DockerClient,
 ) -> Iterator[GatewayServer]:
     """A gateway with low spawn limits (depth 2, 5 live children per session)."""
-    settings = make_settings(
+    settings = full_stack_settings(
         Path(tmp_path_factory.mktemp("gw-spawn")),
-        database_url=postgres_server.url,
-        redis_url=redis_server.url,
-        s3_endpoint=s3_server.endpoint,
-        s3_access_key=s3_server.access_key,
-        s3_secret_key=s3_server.secret_key,
-        anthropic_base_url=f"http://host.docker.internal:{scripted_model.port}",
-        anthropic_api_key="sk-ant-scripted",
-        container_memory="1g",
+        redis_server,
+        postgres_server,
+        s3_server,
+        scripted_model,
         max_spawn_depth=2,
         max_children_per_session=5,
         max_live_sessions_per_tree=12,
