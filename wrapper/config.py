@@ -22,6 +22,7 @@ class WrapperConfig:
     stream_maxlen: int = 10_000
     stop_grace_s: float = 5.0
     ready_timeout_s: float = 60.0
+    mcp_ready_timeout_s: float = 15.0
     max_restarts: int = 3
     restart_window_s: float = 60.0
 

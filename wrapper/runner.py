@@ -241,13 +241,35 @@ class SessionRunner:
                 f"no answer to initialize ({type(exc).__name__}); "
                 f"stderr: {' | '.join(list(self._cli.stderr_tail)[-3:])}"
             ) from exc
+        mcp = await self._wait_for_mcp() if (extra or self._spec.mcp_servers) else {}
         return {
             "cli_pid": self._cli.pid,
             "cli_session_id": self._spec.session_id,
             "claude_code_version": response.get("claude_code_version"),
             "permission_mode": response.get("current_permission_mode"),
             "model": self._spec.model,
+            "mcp_servers": mcp,
         }
+
+    async def _wait_for_mcp(self) -> dict[str, str]:
+        """Poll the CLI's ``mcp_status`` until no MCP server is pending (at most
+        ``mcp_ready_timeout_s``), so ``ready`` means the tools are connected and the first turn
+        does not wait for them. Returns {server name: status}."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.mcp_ready_timeout_s
+        statuses: dict[str, str] = {}
+        while True:
+            try:
+                reply = await self._control_request("mcp_status", {}, timeout_s=5)
+            except (TimeoutError, ConnectionError, RuntimeError) as exc:
+                logger.warning("mcp_status failed: %s", exc)
+                return statuses
+            statuses = {
+                str(s.get("name")): str(s.get("status")) for s in reply.get("mcpServers") or []
+            }
+            if "pending" not in statuses.values() or loop.time() > deadline:
+                return statuses
+            await asyncio.sleep(0.05)
 
     async def _control_request(
         self, subtype: str, fields: dict[str, Any], *, timeout_s: float
