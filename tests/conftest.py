@@ -18,6 +18,9 @@ from gateway.scripted_model import ScriptedModelServer
 from tests.servers import GatewayServer, PostgresServer, RedisServer, S3Server
 
 IMAGE = "ccgate-session:latest"
+JWT_SECRET = secrets.token_urlsafe(32)
+"""Shared by every test gateway: they share Redis and the database, like replicas, and replicas
+must share their secret (it signs session tokens and derives Redis ACL passwords)."""
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +75,7 @@ def make_settings(tmp: Path, **overrides: Any) -> Settings:
     """Gateway settings isolated in ``tmp``."""
     base: dict[str, Any] = {
         "data_dir": tmp,
-        "jwt_secret": secrets.token_urlsafe(32),
+        "jwt_secret": JWT_SECRET,
         "stop_timeout_s": 5,
         "image": IMAGE,
     }

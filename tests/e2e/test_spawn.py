@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
+import json
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -10,14 +13,16 @@ from typing import Any
 
 import docker
 import pytest
+import redis as redis_lib
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from gateway.auth import mint_token
+from gateway.auth import decode_token, mint_token
 from gateway.scripted_model import ScriptedModelServer
 from tests.conftest import Api, full_stack_settings
 from tests.e2e.helpers import collect_until, turn_done
 from tests.servers import GatewayServer, PostgresServer, RedisServer, S3Server
+from wrapper.protocol import token_key
 
 pytestmark = pytest.mark.e2e
 
@@ -178,6 +183,9 @@ async def test_twenty_concurrent_spawns_against_five_children_admit_exactly_five
     assert len(_containers(docker_client, api.user)) == 6
     children = (await api.http.get(f"/api/v1/sessions/{root}/children")).json()["children"]
     assert len(children) == 5
+    # POST /sessions with a parent is held to the same limits.
+    r = await api.http.post("/api/v1/sessions", json={"parent_session_id": root})
+    assert r.status_code == 409 and "max_children_per_session is 5" in r.json()["detail"]
     # Only live children count: stopping one makes room for exactly one more.
     await api.http.post(f"/api/v1/sessions/{children[0]['session_id']}/stop")
     await _spawn(api, root, "echo again")
@@ -292,3 +300,72 @@ async def test_deleting_a_child_detaches_it_and_tells_the_parent(users: list[Api
     session = (await api.http.get(f"/api/v1/sessions/{root}")).json()
     assert session["child_session_ids"] == []
     assert session["status"] in ("starting", "idle")
+
+
+async def test_a_spawn_callback_receives_the_childs_result(users: list[Api]) -> None:
+    received: list[dict[str, Any]] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers["Content-Length"])
+            received.append(json.loads(self.rfile.read(length)))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        api = users[0]
+        root = await _root(api)
+        hook = f"http://127.0.0.1:{server.server_address[1]}/done"
+        child = await _spawn(api, root, "echo call me back", callback=hook)
+        for _ in range(120):
+            if received:
+                break
+            await asyncio.sleep(0.25)
+        assert received, "the callback was never called"
+        assert received[0]["event"] == "child_result"
+        assert received[0]["child_session_id"] == child
+        assert received[0]["result"] == "Echo: echo call me back"
+    finally:
+        server.shutdown()
+
+
+async def test_session_tokens_are_renewed_before_they_expire(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: RedisServer,
+    postgres_server: PostgresServer,
+    s3_server: S3Server,
+    scripted_model: ScriptedModelServer,
+) -> None:
+    settings = full_stack_settings(
+        Path(tmp_path_factory.mktemp("gw-tokens")),
+        redis_server,
+        postgres_server,
+        s3_server,
+        scripted_model,
+        session_token_ttl_s=6,
+    )
+    gateway = GatewayServer(settings).start()
+    api = Api(gateway, f"test-{uuid.uuid4().hex[:8]}")
+    client = redis_lib.Redis.from_url(redis_server.url)
+    try:
+        sid = await _root(api)
+        first = client.get(token_key(sid))
+        assert first is not None and 0 < client.ttl(token_key(sid)) <= 6
+        for _ in range(40):
+            await asyncio.sleep(0.25)
+            current = client.get(token_key(sid))
+            if current not in (None, first):
+                break
+        assert current not in (None, first), "the token was not renewed"
+        scoped = decode_token(current.decode(), key=gateway.app.state.jwt_key)
+        assert scoped.session_scope == sid and scoped.user == api.user
+    finally:
+        client.close()
+        await api.http.delete(f"/api/v1/sessions/{sid}")
+        await api.http.aclose()
+        gateway.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import secrets
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,14 +18,14 @@ from websockets.exceptions import ConnectionClosed
 
 from gateway.auth import mint_token
 from gateway.scripted_model import ScriptedModelServer
-from tests.conftest import IMAGE, make_settings
+from tests.conftest import IMAGE, JWT_SECRET, make_settings
 from tests.e2e.helpers import StalledWebSocket
 from tests.servers import GatewayProcess, GatewayServer, PostgresServer, RedisServer
 from wrapper.protocol import events_key
 
 pytestmark = pytest.mark.e2e
 
-SECRET = secrets.token_urlsafe(32)
+SECRET = JWT_SECRET
 
 
 def _token(user: str) -> str:
