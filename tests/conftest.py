@@ -92,20 +92,19 @@ def full_stack_settings(
     **overrides: Any,
 ) -> Settings:
     """Settings for a gateway on every real dependency, with fast reaper sweeps for tests."""
-    return make_settings(
-        tmp,
-        database_url=postgres.url,
-        redis_url=redis.url,
-        s3_endpoint=s3.endpoint,
-        s3_access_key=s3.access_key,
-        s3_secret_key=s3.secret_key,
-        anthropic_base_url=f"http://host.docker.internal:{model.port}",
-        anthropic_api_key="sk-ant-scripted",
-        container_memory="1g",
-        reaper_interval_s=1.0,
-        reaper_grace_s=3.0,
-        **overrides,
-    )
+    values: dict[str, Any] = {
+        "database_url": postgres.url,
+        "redis_url": redis.url,
+        "s3_endpoint": s3.endpoint,
+        "s3_access_key": s3.access_key,
+        "s3_secret_key": s3.secret_key,
+        "anthropic_base_url": f"http://host.docker.internal:{model.port}",
+        "anthropic_api_key": "sk-ant-scripted",
+        "container_memory": "1g",
+        "reaper_interval_s": 1.0,
+        "reaper_grace_s": 3.0,
+    }
+    return make_settings(tmp, **(values | overrides))
 
 
 class Api:

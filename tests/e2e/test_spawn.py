@@ -341,13 +341,16 @@ async def test_session_tokens_are_renewed_before_they_expire(
     s3_server: S3Server,
     scripted_model: ScriptedModelServer,
 ) -> None:
+    tmp = Path(tmp_path_factory.mktemp("gw-tokens"))
     settings = full_stack_settings(
-        Path(tmp_path_factory.mktemp("gw-tokens")),
+        tmp,
         redis_server,
         postgres_server,
         s3_server,
         scripted_model,
         session_token_ttl_s=6,
+        # Its own (SQLite) database: other test gateways must not know, and renew, this session.
+        database_url=f"sqlite+aiosqlite:///{tmp}/tokens.db",
     )
     gateway = GatewayServer(settings).start()
     api = Api(gateway, f"test-{uuid.uuid4().hex[:8]}")
