@@ -8,6 +8,7 @@ artifacts in a local directory (set ``CCGATE_S3_ENDPOINT`` for S3/MinIO), Docker
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from enum import StrEnum
 from functools import cached_property
@@ -68,6 +69,10 @@ class Settings(BaseSettings):
     jwt_secret_file: Path | None = None
     token_ttl_s: int = 24 * 3600
 
+    deployment: str | None = None
+    """Name stamped on this deployment's containers and volumes (label ccgate.deployment); the
+    reaper touches nothing else. Default: derived from the database and Redis URLs, so replicas
+    agree and two deployments sharing a Docker engine never reap each other."""
     docker_host: str | None = None
     """Docker engine URL; default: DOCKER_HOST or the local socket."""
     image: str = "ccgate-session:latest"
@@ -123,6 +128,13 @@ class Settings(BaseSettings):
         if url.startswith("sqlite://"):
             url = "sqlite+aiosqlite://" + url[len("sqlite://") :]
         return url
+
+    @cached_property
+    def deployment_id(self) -> str:
+        """The deployment label value (see ``deployment``)."""
+        if self.deployment:
+            return self.deployment
+        return hashlib.sha256(f"{self.db_url}|{self.redis_url}".encode()).hexdigest()[:16]
 
     @cached_property
     def artifacts_path(self) -> Path:

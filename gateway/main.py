@@ -72,7 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redis = aioredis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=5, health_check_interval=30
         )
-        runtime = DockerRuntime(settings.docker_host)
+        runtime = DockerRuntime(settings.docker_host, deployment=settings.deployment_id)
         store = make_store(settings)
         if isinstance(store, S3ArtifactStore):
             try:

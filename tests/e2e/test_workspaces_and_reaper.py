@@ -88,14 +88,23 @@ async def test_a_container_killed_behind_our_back_fails_its_session(
     assert r.status_code == 409
 
 
-async def test_orphan_containers_and_volumes_are_removed(
+async def test_orphan_containers_and_volumes_are_removed_but_not_another_deployments(
     e2e_gateway: Any, docker_client: docker.DockerClient
 ) -> None:
     ghost = str(uuid.uuid4())
-    labels = {"ccgate.managed": "true", "ccgate.session_id": ghost, "ccgate.owner": "test-ghost"}
+    labels = {
+        "ccgate.managed": "true",
+        "ccgate.deployment": e2e_gateway.settings.deployment_id,
+        "ccgate.session_id": ghost,
+        "ccgate.owner": "test-ghost",
+    }
     volume = docker_client.volumes.create(f"ccgate-cfg-{ghost}", labels=labels)
     container = docker_client.containers.create(IMAGE, entrypoint=["sleep", "600"], labels=labels)
     container.start()
+    neighbour = docker_client.containers.create(
+        IMAGE, entrypoint=["sleep", "600"], labels=labels | {"ccgate.deployment": "elsewhere"}
+    )
+    neighbour.start()
 
     async def gone() -> bool:
         names = {v.name for v in docker_client.volumes.list(filters={"label": "ccgate.owner"})}
@@ -105,4 +114,9 @@ async def test_orphan_containers_and_volumes_are_removed(
             return volume.name not in names
         return False
 
-    await _eventually(gone)
+    try:
+        await _eventually(gone)
+        neighbour.reload()
+        assert neighbour.status == "running"  # another deployment's: never reaped
+    finally:
+        neighbour.remove(force=True)

@@ -10,9 +10,9 @@ LABEL_MANAGED = "ccgate.managed"
 LABEL_SESSION = "ccgate.session_id"
 LABEL_OWNER = "ccgate.owner"
 LABEL_WORKSPACE = "ccgate.workspace"
-LABEL_HELPER = (
-    "ccgate.helper"  # short-lived helper containers (volume copies); the reaper skips them
-)
+LABEL_DEPLOYMENT = "ccgate.deployment"  # the deployment that owns it (one engine, many)
+# Short-lived helper containers (volume copies); the reaper skips them.
+LABEL_HELPER = "ccgate.helper"
 
 
 class ContainerState(StrEnum):
@@ -102,7 +102,8 @@ class ContainerRuntime(abc.ABC):
 
     @abc.abstractmethod
     async def list_managed(self) -> list[ContainerInfo]:
-        """Every container carrying the ``ccgate.managed`` label."""
+        """Every container of this deployment (labels ``ccgate.managed`` and
+        ``ccgate.deployment``); other deployments on the same engine are never listed."""
 
     @abc.abstractmethod
     async def copy_volume(
@@ -112,7 +113,7 @@ class ContainerRuntime(abc.ABC):
 
     @abc.abstractmethod
     async def list_managed_volumes(self) -> dict[str, dict[str, str]]:
-        """Names and labels of every volume carrying a ``ccgate.session_id`` label."""
+        """Names and labels of this deployment's volumes carrying a ``ccgate.session_id``."""
 
     @abc.abstractmethod
     async def read_file(self, container_id: str, path: str, *, max_bytes: int) -> bytes:

@@ -16,6 +16,7 @@ from requests.exceptions import RequestException
 
 from gateway.errors import ContainerStartFailed, DependencyUnavailable
 from gateway.services.runtime.base import (
+    LABEL_DEPLOYMENT,
     LABEL_HELPER,
     LABEL_MANAGED,
     LABEL_SESSION,
@@ -48,10 +49,16 @@ def _info(container: Any) -> ContainerInfo:
 
 
 class DockerRuntime(ContainerRuntime):
-    """Containers on a Docker engine found through DOCKER_HOST or the default socket."""
+    """Containers on a Docker engine found through DOCKER_HOST or the default socket.
 
-    def __init__(self, base_url: str | None = None) -> None:
+    Everything it creates carries ``ccgate.deployment=<deployment>``, and it lists only those:
+    several deployments (or test gateways) can share one engine without touching each other.
+    """
+
+    def __init__(self, base_url: str | None = None, *, deployment: str = "default") -> None:
         self._base_url = base_url
+        self._deployment = deployment
+        self._own = {LABEL_MANAGED: "true", LABEL_DEPLOYMENT: deployment}
         self._client: docker.DockerClient | None = None
 
     def _docker(self) -> docker.DockerClient:
@@ -108,7 +115,9 @@ class DockerRuntime(ContainerRuntime):
     async def create_volume(self, name: str, labels: dict[str, str]) -> None:
         """Create a named volume (no-op when it exists)."""
         try:
-            await self._call(lambda: self._docker().volumes.create(name=name, labels=labels))
+            await self._call(
+                lambda: self._docker().volumes.create(name=name, labels={**labels, **self._own})
+            )
         except APIError as exc:
             raise ContainerStartFailed(f"volume {name}: {exc.explanation or exc}") from exc
 
@@ -139,7 +148,7 @@ class DockerRuntime(ContainerRuntime):
                 spec.image,
                 name=spec.name,
                 environment=spec.env,
-                labels={**spec.labels, LABEL_MANAGED: "true"},
+                labels={**spec.labels, **self._own},
                 volumes={m.volume: {"bind": m.target, "mode": "rw"} for m in spec.mounts},
                 network=spec.network,
                 user=spec.user,
@@ -216,7 +225,10 @@ class DockerRuntime(ContainerRuntime):
     async def list_managed(self) -> list[ContainerInfo]:
         """Every ccgate container, running or not."""
         containers = await self._call(
-            lambda: self._docker().containers.list(all=True, filters={"label": LABEL_MANAGED})
+            lambda: self._docker().containers.list(
+                all=True,
+                filters={"label": [LABEL_MANAGED, f"{LABEL_DEPLOYMENT}={self._deployment}"]},
+            )
         )
         return [_info(c) for c in containers]
 
@@ -240,7 +252,7 @@ class DockerRuntime(ContainerRuntime):
                 network_disabled=True,
                 cap_drop=["ALL"],
                 security_opt=["no-new-privileges:true"],
-                labels={**labels, LABEL_MANAGED: "true", LABEL_HELPER: "copy"},
+                labels={**labels, **self._own, LABEL_HELPER: "copy"},
                 remove=True,
             )
 
@@ -252,7 +264,9 @@ class DockerRuntime(ContainerRuntime):
     async def list_managed_volumes(self) -> dict[str, dict[str, str]]:
         """Names and labels of every volume carrying a ``ccgate.session_id`` label."""
         volumes = await self._call(
-            lambda: self._docker().volumes.list(filters={"label": LABEL_SESSION})
+            lambda: self._docker().volumes.list(
+                filters={"label": [LABEL_SESSION, f"{LABEL_DEPLOYMENT}={self._deployment}"]}
+            )
         )
         return {v.name: dict(v.attrs.get("Labels") or {}) for v in volumes}
 
