@@ -3,7 +3,7 @@
 # terminal: sets everything up, starts Redis, the gateway (and the scripted model when
 # ANTHROPIC_API_KEY is unset), creates a session, sends a prompt, streams the events and lists
 # the file the CLI wrote as an artifact. The gateway keeps running afterwards:
-#   scripts/quickstart.sh --stop    stops what it started.
+#   scripts/quickstart.sh --stop    deletes the demo's sessions and stops what it started.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -16,6 +16,13 @@ pids="$data_dir/quickstart.pids"
 mkdir -p "$data_dir"
 
 if [ "${1:-}" = "--stop" ]; then
+  # Delete the demo's sessions (containers, volumes) while the gateway still runs.
+  if [ -f "$data_dir/quickstart.token" ] && curl -sf "http://127.0.0.1:$port/health" >/dev/null; then
+    auth="Authorization: Bearer $(cat "$data_dir/quickstart.token")"
+    curl -sf -H "$auth" "http://127.0.0.1:$port/api/v1/sessions?limit=500" \
+      | python3 -c 'import json,sys; [print(s["session_id"]) for s in json.load(sys.stdin)["sessions"] if not s["parent_session_id"]]' \
+      | while read -r sid; do curl -sf -o /dev/null -X DELETE -H "$auth" "http://127.0.0.1:$port/api/v1/sessions/$sid"; done
+  fi
   [ -f "$pids" ] && while read -r pid; do kill "$pid" 2>/dev/null || true; done < "$pids"
   redis-cli -p "$redis_port" -a "$(cat "$data_dir/redis-password" 2>/dev/null)" --no-auth-warning shutdown nosave 2>/dev/null || true
   rm -f "$pids"; echo "stopped"; exit 0
