@@ -286,10 +286,3 @@ class ChildrenList(BaseModel):
 
     session_id: str
     children: list[SessionPublic]
-
-
-class ErrorBody(BaseModel):
-    """Every error response: ``{"detail": message, "code": machine-readable code}``."""
-
-    detail: str
-    code: str
