@@ -29,6 +29,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -55,7 +56,7 @@ from gateway.services.callbacks import post_callback
 from gateway.services.runtime import ContainerRuntime
 from gateway.services.session_redis import ensure_ledger_group, notify
 from gateway.services.sessions import cancel_open_turns
-from gateway.services.tree import add_spend, end_session
+from gateway.services.tree import add_spend, end_session, lock_tree
 from wrapper.protocol import ENVELOPE_FIELD, LEDGER_GROUP, EventType, events_key
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,9 @@ class Ledger:
         self._db = db_factory
         self._runtime = runtime
         self._store = store
-        self._consumer = f"{socket.gethostname()}-{os.getpid()}"
+        # Unique per instance: two ledgers with one name would re-read each other's pending
+        # entries (same host and pid: several gateways in a process, pid 1 in containers).
+        self._consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._tracked: dict[str, str] = {}  # session id -> next read id (">" or "0")
         self._refreshed_at = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -259,10 +262,14 @@ class Ledger:
         if kind == EventType.TURN_COMPLETED and envelope.get("source") == "wrapper":
             files = data.get("files") or []
         after_commit: list[tuple[Session, EventType, dict[str, Any]]] = []
+        lifecycle = envelope.get("source") == "wrapper"
         async with self._db() as db:
             session = await db.get(Session, sid)
             if session is None:
                 return  # deleted
+            if lifecycle:
+                # The tree lock comes before any other row of this tree (tree.py: lock order).
+                await lock_tree(db, session.root_id)
             if await db.get(Event, (sid, seq)) is not None:
                 return  # already applied (redelivered entry)
             db.add(
@@ -274,7 +281,7 @@ class Ledger:
                     envelope=raw.decode("utf-8", errors="replace"),
                 )
             )
-            if envelope.get("source") == "wrapper":
+            if lifecycle:
                 artifact_errors = await self._collect_artifacts(db, session, turn_id, files)
                 told = await self._apply_lifecycle(
                     db, session, kind, turn_id, data, artifact_errors
@@ -391,9 +398,9 @@ class Ledger:
             status = SessionStatus.FAILED
             error = session.error or f"the session container exited ({data.get('reason')})"
         db.add(session)
+        await cancel_open_turns(db, session.id)
         if not await end_session(db, session, status, error):
             return None
-        await cancel_open_turns(db, session.id)
         if session.container_id:
             with contextlib.suppress(GatewayError):
                 await self._runtime.remove(session.container_id)

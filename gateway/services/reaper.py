@@ -29,7 +29,7 @@ from gateway.errors import GatewayError
 from gateway.services import session_redis
 from gateway.services.runtime import ContainerRuntime, ContainerState
 from gateway.services.runtime.base import LABEL_HELPER, LABEL_SESSION
-from gateway.services.tree import end_session
+from gateway.services.tree import end_session, lock_tree
 from wrapper.protocol import EventType
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,8 @@ class Reaper:
         containers = [c for c in await self._runtime.list_managed() if LABEL_HELPER not in c.labels]
         by_session = {c.labels.get(LABEL_SESSION, ""): c for c in containers}
         async with self._db() as db:
-            rows = (await db.exec(select(Session))).all()
+            # By id, so two replicas' reapers take tree locks in the same order.
+            rows = (await db.exec(select(Session).order_by(col(Session.id)))).all()
             sessions = {s.id: s for s in rows}
             for sid, container in by_session.items():
                 session = sessions.get(sid)
@@ -114,8 +115,9 @@ class Reaper:
                     if found is None
                     else f"the session container exited with status {found.exit_code}"
                 )
+                await lock_tree(db, session.root_id)
+                await self._fail_turns(db, session, reason)
                 if await end_session(db, session, SessionStatus.FAILED, reason):
-                    await self._fail_turns(db, session, reason)
                     failed.append(session)
                     done["sessions_failed"] += 1
                 if found is not None:

@@ -485,6 +485,7 @@ class SessionService:
             await self.runtime.remove(session.container_id)
         await session_redis.drain_turns(self.redis, session.id)
         await session_redis.revoke_access(self.redis, session.id)
+        await tree.lock_tree(db, session.root_id)
         await cancel_open_turns(db, session.id)
         ended = await tree.end_session(db, session, SessionStatus.STOPPED)
         await db.commit()
@@ -503,6 +504,7 @@ class SessionService:
         await self._remove_resources(session, quiet=False)
         await session_redis.purge(self.redis, session.id)
         await self.store.delete_session(session.id)
+        await tree.lock_tree(db, session.root_id)
         for table in (Event, Artifact, Turn):
             await db.exec(delete(table).where(col(table.session_id) == session.id))
         if session.parent_session_id is None:

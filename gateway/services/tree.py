@@ -8,6 +8,10 @@ against a limit of 5 admit exactly 5. A refusal rolls the transaction back and n
 
 Every path that ends a live session goes through :func:`end_session`, which flips the status
 with a conditional UPDATE and releases the live counters exactly once.
+
+Lock order: a transaction that changes more than one row of a tree (stop, end_session, the
+ledger's lifecycle events, the reaper) first takes the tree's row lock (:func:`lock_tree`), so
+they serialise per tree instead of deadlocking on turn and session rows taken in other orders.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import or_, update
 from sqlalchemy.sql.dml import UpdateBase
-from sqlmodel import col
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.db.models import Session, SessionStatus, SpawnTree, utcnow
@@ -39,6 +43,14 @@ class SpawnLimits:
     max_children: int
     max_live: int
     max_sessions: int
+
+
+async def lock_tree(db: AsyncSession, root_id: str) -> None:
+    """Take the tree's row lock for the rest of the transaction (PostgreSQL ``FOR UPDATE``;
+    SQLite serialises writers anyway)."""
+    await db.exec(
+        select(SpawnTree.root_id).where(col(SpawnTree.root_id) == root_id).with_for_update()
+    )
 
 
 async def _bump(db: AsyncSession, statement: UpdateBase) -> bool:
@@ -133,6 +145,7 @@ async def end_session(
 
     Returns False (and changes nothing) when the session had already ended. The caller commits.
     """
+    await lock_tree(db, session.root_id)
     values: dict[str, object] = {"status": status, "last_activity": utcnow()}
     if error is not None:
         values["error"] = error

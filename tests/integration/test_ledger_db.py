@@ -126,3 +126,50 @@ async def test_turn_results_costs_and_status_are_recorded_once(
         assert count == publisher.last_seq == 7
     await publisher.close(1)
     await client.aclose()
+
+
+async def test_two_ledgers_in_one_process_share_the_work_without_double_applying(
+    engine: AsyncEngine,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    db_factory = make_db_factory(engine)
+    client = aioredis.Redis.from_url(redis_server.url)
+    sid = str(uuid.uuid4())
+    async with db_factory() as db:
+        db.add(Session(id=sid, owner="u", workspace_volume="v", root_id=sid))
+        await db.commit()
+    await ensure_ledger_group(client, sid)
+    publisher = EventPublisher(client, sid, stream_maxlen=10_000)
+    await publisher.start()
+    ledgers = [
+        Ledger(
+            settings=Settings(data_dir=tmp_path),
+            redis=client,
+            db_factory=db_factory,
+            runtime=DockerRuntime(),
+            store=LocalArtifactStore(tmp_path / "artifacts"),
+        )
+        for _ in range(2)
+    ]
+    for ledger in ledgers:
+        ledger.track(sid)
+        await ledger.start()
+    for n in range(300):
+        publisher.emit("assistant", json.dumps({"n": n}), source=EventSource.CLI, turn_id=None)
+    await publisher.flush(10)
+
+    async def all_persisted() -> bool:
+        async with db_factory() as db:
+            count = (await db.exec(select(func.count()).where(Event.session_id == sid))).one()
+        return bool(count == 300)
+
+    try:
+        await _wait_for(all_persisted, timeout_s=20)
+    finally:
+        for ledger in ledgers:
+            await ledger.close()
+    assert "not applied yet" not in caplog.text  # no entry was applied by both
+    await publisher.close(1)
+    await client.aclose()
