@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        jwt_key = settings.jwt_key()
         engine = make_engine(settings.db_url)
         await retry(
             retry=retry_if_exception_type((SQLAlchemyError, OSError)),
@@ -90,7 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runtime=runtime,
             db_factory=db_factory,
             redis=redis,
-            jwt_key=settings.jwt_key(),
+            jwt_key=jwt_key,
             token_ttl_s=settings.session_token_ttl_s,
             session_acl=settings.session_redis_acl,
             interval_s=settings.reaper_interval_s,
@@ -98,7 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         await reaper.start()
         app.state.settings = settings
-        app.state.jwt_key = settings.jwt_key()
+        app.state.jwt_key = jwt_key
         app.state.db_factory = db_factory
         app.state.redis = redis
         app.state.runtime = runtime
@@ -111,7 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runtime=runtime,
             store=store,
             hub=hub,
-            jwt_key=app.state.jwt_key,
+            jwt_key=jwt_key,
         )
         try:
             yield

@@ -197,7 +197,23 @@ class S3Server:
             self.proc = None
 
 
-class GatewayServer:
+class _GatewayAddress:
+    """HTTP and WebSocket base URLs of a gateway listening on ``port``."""
+
+    port: int
+
+    @property
+    def url(self) -> str:
+        """http://127.0.0.1:PORT"""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        """ws://127.0.0.1:PORT"""
+        return f"ws://127.0.0.1:{self.port}"
+
+
+class GatewayServer(_GatewayAddress):
     """The real gateway app under uvicorn in a background thread."""
 
     def __init__(self, settings: Settings) -> None:
@@ -215,16 +231,6 @@ class GatewayServer:
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="gateway", daemon=True)
 
-    @property
-    def url(self) -> str:
-        """http://127.0.0.1:PORT"""
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        """ws://127.0.0.1:PORT"""
-        return f"ws://127.0.0.1:{self.port}"
-
     def start(self) -> GatewayServer:
         """Start and wait until it serves."""
         self._thread.start()
@@ -237,7 +243,7 @@ class GatewayServer:
         self._thread.join(timeout=30)
 
 
-class GatewayProcess:
+class GatewayProcess(_GatewayAddress):
     """``ccgate serve`` as a separate process (a replica that can be SIGKILLed), configured
     through the environment like a deployment."""
 
@@ -251,16 +257,6 @@ class GatewayProcess:
         self._env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = Path(tempfile.mkstemp(prefix="ccgate-gw-", suffix=".log")[1])
-
-    @property
-    def url(self) -> str:
-        """http://127.0.0.1:PORT"""
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        """ws://127.0.0.1:PORT"""
-        return f"ws://127.0.0.1:{self.port}"
 
     def start(self) -> GatewayProcess:
         """Start and wait until /health answers."""

@@ -45,14 +45,13 @@ async def spawn(
 
 
 @router.get("/children")
-async def list_children(session: ScopedSession, db: DbDep, service: ServiceDep) -> ChildrenList:
+async def list_children(session: ScopedSession, db: DbDep) -> ChildrenList:
     """The session's direct children, oldest first."""
     children = await family.children_of(db, session.id)
+    kids = await family.child_ids_by_parent(db, [c.id for c in children])
     return ChildrenList(
         session_id=session.id,
-        children=[
-            session_public(c, await service.child_ids(db=db, session_id=c.id)) for c in children
-        ],
+        children=[session_public(c, kids[c.id]) for c in children],
     )
 
 

@@ -15,6 +15,7 @@ from gateway.schemas import (
     SessionPublic,
     WorkspacePublic,
 )
+from gateway.services import family
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
 
@@ -81,8 +82,9 @@ async def list_sessions(
     rows, total = await service.list_sessions(
         db=db, owner=user.user, status=status_filter, limit=limit, offset=offset
     )
+    kids = await family.child_ids_by_parent(db, [s.id for s in rows])
     return SessionList(
-        sessions=[session_public(s, await service.child_ids(db=db, session_id=s.id)) for s in rows],
+        sessions=[session_public(s, kids[s.id]) for s in rows],
         total=total,
         limit=limit,
         offset=offset,

@@ -20,6 +20,20 @@ async def children_of(db: AsyncSession, session_id: str) -> list[Session]:
     return list(rows.all())
 
 
+async def child_ids_by_parent(db: AsyncSession, parent_ids: list[str]) -> dict[str, list[str]]:
+    """Children ids (oldest first) of each of ``parent_ids``, in one query."""
+    out: dict[str, list[str]] = {pid: [] for pid in parent_ids}
+    if parent_ids:
+        rows = await db.exec(
+            select(Session.id, Session.parent_session_id)
+            .where(col(Session.parent_session_id).in_(parent_ids))
+            .order_by(col(Session.created_at))
+        )
+        for child_id, parent_id in rows.all():
+            out[str(parent_id)].append(child_id)
+    return out
+
+
 async def is_descendant(db: AsyncSession, *, ancestor_id: str, session: Session) -> bool:
     """True when ``session`` is below ``ancestor_id`` (not the ancestor itself)."""
     parent_id = session.parent_session_id

@@ -30,13 +30,15 @@ import os
 import socket
 import time
 import uuid
+from datetime import timedelta
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
+from sqlalchemy import or_
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel import select
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.config import Settings
@@ -47,7 +49,6 @@ from gateway.db.models import (
     SessionStatus,
     Turn,
     TurnStatus,
-    as_utc,
     utcnow,
 )
 from gateway.errors import GatewayError
@@ -56,7 +57,7 @@ from gateway.services.callbacks import post_callback
 from gateway.services.runtime import ContainerRuntime
 from gateway.services.session_redis import ensure_ledger_group, notify
 from gateway.services.sessions import cancel_open_turns
-from gateway.services.tree import add_spend, end_session, lock_tree
+from gateway.services.tree import LIVE, add_spend, end_session, lock_tree
 from wrapper.protocol import ENVELOPE_FIELD, LEDGER_GROUP, EventType, events_key
 
 logger = logging.getLogger(__name__)
@@ -142,14 +143,14 @@ class Ledger:
 
     async def _refresh(self) -> None:
         """Track live sessions and recently ended ones (their last events may be unread)."""
-        cutoff = utcnow().timestamp() - _RECENT_S
+        cutoff = utcnow() - timedelta(seconds=_RECENT_S)
         async with self._db() as db:
-            rows = await db.exec(select(Session.id, Session.status, Session.last_activity))
-            wanted = {
-                sid
-                for sid, status, last in rows.all()
-                if SessionStatus(status).live or _ts(last) > cutoff
-            }
+            rows = await db.exec(
+                select(Session.id).where(
+                    or_(col(Session.status).in_(LIVE), col(Session.last_activity) > cutoff)
+                )
+            )
+            wanted = set(rows.all())
         for sid in wanted:
             self._tracked.setdefault(sid, "0")
         for sid in list(self._tracked):
@@ -210,8 +211,8 @@ class Ledger:
         """
         await self._refresh()
         async with self._db() as db:
-            rows = await db.exec(select(Session.id, Session.status))
-            live = {sid for sid, status in rows.all() if SessionStatus(status).live}
+            rows = await db.exec(select(Session.id).where(col(Session.status).in_(LIVE)))
+            live = set(rows.all())
         for sid in list(self._tracked):
             if sid in live:
                 with contextlib.suppress(RedisError):
@@ -451,8 +452,3 @@ class Ledger:
             artifact.updated_at = utcnow()
             db.add(artifact)
         return problems
-
-
-def _ts(value: Any) -> float:
-    aware = as_utc(value)
-    return aware.timestamp() if aware is not None else 0.0

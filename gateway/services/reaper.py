@@ -18,6 +18,7 @@ import logging
 from datetime import timedelta
 
 import redis.asyncio as aioredis
+from sqlalchemy import or_
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
@@ -29,7 +30,7 @@ from gateway.errors import GatewayError
 from gateway.services import session_redis
 from gateway.services.runtime import ContainerRuntime, ContainerState
 from gateway.services.runtime.base import LABEL_HELPER, LABEL_SESSION
-from gateway.services.tree import end_session, lock_tree
+from gateway.services.tree import LIVE, end_session, lock_tree
 from wrapper.protocol import EventType
 
 logger = logging.getLogger(__name__)
@@ -90,9 +91,20 @@ class Reaper:
         failed: list[Session] = []
         containers = [c for c in await self._runtime.list_managed() if LABEL_HELPER not in c.labels]
         by_session = {c.labels.get(LABEL_SESSION, ""): c for c in containers}
+        # Listed before the query: a session's row is committed before its volumes exist, so
+        # every volume seen here has its row visible below.
+        volumes = await self._runtime.list_managed_volumes()
+        mentioned = set(by_session) | {v.get(LABEL_SESSION, "") for v in volumes.values()}
         async with self._db() as db:
-            # By id, so two replicas' reapers take tree locks in the same order.
-            rows = (await db.exec(select(Session).order_by(col(Session.id)))).all()
+            # Live sessions and those the engine mentions, not the whole history; by id, so two
+            # replicas' reapers take tree locks in the same order.
+            rows = (
+                await db.exec(
+                    select(Session)
+                    .where(or_(col(Session.status).in_(LIVE), col(Session.id).in_(mentioned)))
+                    .order_by(col(Session.id))
+                )
+            ).all()
             sessions = {s.id: s for s in rows}
             for sid, container in by_session.items():
                 session = sessions.get(sid)
@@ -152,7 +164,7 @@ class Reaper:
                 )
                 await session_redis.store_token(self._redis, session.id, token, self._token_ttl_s)
                 done["tokens_renewed"] += 1
-        for name, labels in (await self._runtime.list_managed_volumes()).items():
+        for name, labels in volumes.items():
             per_session = name.startswith(("ccgate-ws-", "ccgate-cfg-"))
             if per_session and labels.get(LABEL_SESSION) not in sessions:
                 await self._runtime.remove_volume(name)

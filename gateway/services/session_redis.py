@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -50,12 +52,10 @@ def acl_password(secret: str, session_id: str) -> str:
 
 async def ensure_acl_user(client: aioredis.Redis, session_id: str, password: str) -> bool:
     """Create the session's ACL user if it is missing; True when it had to be created."""
-    try:
+    with _redis_errors():
         if await client.acl_getuser(redis_username(session_id)) is not None:
             return False
         await _set_acl_user(client, session_id, password)
-    except (RedisError, OSError) as exc:
-        raise _redis_error(exc) from exc
     return True
 
 
@@ -72,8 +72,13 @@ async def _set_acl_user(client: aioredis.Redis, session_id: str, password: str) 
     )
 
 
-def _redis_error(exc: Exception) -> DependencyUnavailable:
-    return DependencyUnavailable("redis", str(exc) or type(exc).__name__)
+@contextmanager
+def _redis_errors() -> Iterator[None]:
+    """Translate Redis failures into DependencyUnavailable("redis", ...)."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise DependencyUnavailable("redis", str(exc) or type(exc).__name__) from exc
 
 
 async def provision(
@@ -91,7 +96,7 @@ async def provision(
     Raises DependencyUnavailable("redis", ...).
     """
     sid = spec.session_id
-    try:
+    with _redis_errors():
         await client.set(spec_key(sid), spec.to_json())
         if token is not None:
             await client.set(token_key(sid), token, ex=token_ttl_s)
@@ -101,8 +106,6 @@ async def provision(
         password = acl_password(acl_secret, sid)
         await _set_acl_user(client, sid, password)
         return redis_username(sid), password
-    except (RedisError, OSError) as exc:
-        raise _redis_error(exc) from exc
 
 
 async def ensure_ledger_group(client: aioredis.Redis, session_id: str) -> None:
@@ -116,18 +119,14 @@ async def ensure_ledger_group(client: aioredis.Redis, session_id: str) -> None:
 
 async def revoke_access(client: aioredis.Redis, session_id: str) -> None:
     """Delete the session's ACL user and disconnect its clients (the container is gone)."""
-    try:
+    with _redis_errors(), suppress(ResponseError):  # no such user: nothing to revoke
         await client.acl_deluser(redis_username(session_id))
-    except ResponseError:
-        pass
-    except (RedisError, OSError) as exc:
-        raise _redis_error(exc) from exc
 
 
 async def purge(client: aioredis.Redis, session_id: str) -> None:
     """Delete every key of the session and its ACL user."""
     await revoke_access(client, session_id)
-    try:
+    with _redis_errors():
         await client.delete(
             spec_key(session_id),
             input_key(session_id),
@@ -135,44 +134,34 @@ async def purge(client: aioredis.Redis, session_id: str) -> None:
             events_key(session_id),
             token_key(session_id),
         )
-    except (RedisError, OSError) as exc:
-        raise _redis_error(exc) from exc
 
 
 async def push_turn(client: aioredis.Redis, session_id: str, request: TurnRequest) -> None:
     """Queue a prompt for the wrapper (RPUSH keeps arrival order)."""
-    try:
+    with _redis_errors():
         await client.rpush(input_key(session_id), request.to_json())
-    except (RedisError, OSError) as exc:
-        raise _redis_error(exc) from exc
 
 
 async def drain_turns(client: aioredis.Redis, session_id: str) -> list[TurnRequest]:
     """Remove and return prompts the wrapper never took (the session is stopping)."""
-    try:
+    with _redis_errors():
         async with client.pipeline(transaction=True) as pipe:
             pipe.lrange(input_key(session_id), 0, -1)
             pipe.delete(input_key(session_id))
             raw, _ = await pipe.execute()
-    except (RedisError, OSError) as exc:
-        raise _redis_error(exc) from exc
     return [TurnRequest.from_json(item) for item in raw]
 
 
 async def store_token(client: aioredis.Redis, session_id: str, token: str, ttl_s: int) -> None:
     """Replace the session's token (renewal); it expires with the token."""
-    try:
+    with _redis_errors():
         await client.set(token_key(session_id), token, ex=ttl_s)
-    except (RedisError, OSError) as exc:
-        raise _redis_error(exc) from exc
 
 
 async def token_ttl(client: aioredis.Redis, session_id: str) -> int:
     """Seconds left on the session's stored token (negative when missing)."""
-    try:
+    with _redis_errors():
         return int(await client.ttl(token_key(session_id)))
-    except (RedisError, OSError) as exc:
-        raise _redis_error(exc) from exc
 
 
 async def notify(
@@ -181,18 +170,14 @@ async def notify(
     """Ask a session's wrapper to publish a child_* event in its stream (best effort: a
     stopped session has no reader, and its keys go with it)."""
     message = ControlMessage(type=ControlType.NOTIFY, event=event.value, data=data)
-    try:
+    with _redis_errors():
         await client.rpush(control_key(session_id), message.to_json())
-    except (RedisError, OSError) as exc:
-        raise _redis_error(exc) from exc
 
 
 async def push_control(client: aioredis.Redis, session_id: str, message: ControlMessage) -> None:
     """Send a control message (interrupt) to the wrapper."""
-    try:
+    with _redis_errors():
         await client.rpush(control_key(session_id), message.to_json())
-    except (RedisError, OSError) as exc:
-        raise _redis_error(exc) from exc
 
 
 __all__ = [

@@ -26,7 +26,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from gateway.db.models import Session, SessionStatus, SpawnTree, utcnow
 from gateway.errors import Conflict
 
-_LIVE = [SessionStatus.STARTING, SessionStatus.IDLE, SessionStatus.RUNNING]
+LIVE = [SessionStatus.STARTING, SessionStatus.IDLE, SessionStatus.RUNNING]
 
 
 class SpawnRefused(Conflict):
@@ -153,7 +153,7 @@ async def end_session(
         db,
         update(Session)
         .where(col(Session.id) == session.id)
-        .where(col(Session.status).in_(_LIVE))
+        .where(col(Session.status).in_(LIVE))
         .values(**values),
     )
     if flipped:
