@@ -27,15 +27,18 @@ def main() -> None:
 @click.option("--port", default=None, type=int, help="Port (default CCGATE_PORT or 8000).")
 def serve(host: str | None, port: int | None) -> None:
     """Run the gateway."""
+    from gateway.logs import configure_logging
     from gateway.main import create_app
 
     settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
     uvicorn.run(
         create_app(settings),
         host=host or settings.host,
         port=port or settings.port,
         ws_max_size=64 * 1024 * 1024,
-        log_level="info",
+        log_config=None,  # configure_logging above owns the handlers (text or JSON)
+        log_level=settings.log_level.lower(),
     )
 
 

@@ -84,10 +84,32 @@ class Settings(BaseSettings):
         default_factory=lambda: {"host.docker.internal": "host-gateway"}
     )
     stop_timeout_s: int = 15
+    stop_record_timeout_s: float = 5.0
+    """How long a stop waits for the ledger to record the last turn (and copy its files)
+    before the container is removed."""
     reaper_interval_s: float = 15.0
     reaper_grace_s: float = 45.0
     """A live session whose container is gone is failed only after this long without activity."""
     stream_maxlen: int = 10_000
+    """Events kept per session in the Redis Stream once persisted (the ledger trims below its
+    persisted watermark; an unpersisted event is never trimmed)."""
+    ledger_max_attempts: int = 5
+    """Failures of one stream entry (other than an outage) before it is dead-lettered."""
+    collector_workers: int = 4
+    """Concurrent artifact collections."""
+    docker_threads: int = 16
+    """Threads for blocking docker SDK calls (a dedicated pool)."""
+    storage_threads: int = 8
+    """Threads for blocking S3 and file calls (a dedicated pool)."""
+    db_pool_size: int = 10
+    db_max_overflow: int = 20
+    db_pool_timeout_s: float = 10.0
+    """How long a request waits for a free database connection before 503."""
+    redis_socket_timeout_s: float = 10.0
+    """Read/write timeout of the gateway's Redis connections (blocking reads stay below it)."""
+    log_format: str = "text"
+    """``text`` or ``json`` (one JSON object per line, with the request id)."""
+    log_level: str = "INFO"
     ledger_claim_idle_s: float = 30.0
     """A replica takes over ledger entries another one left unacknowledged this long."""
 

@@ -22,17 +22,32 @@ class Unauthorized(Exception):
 
 
 async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
-    """One database handle per request.
+    """A database handle for the route's own queries.
 
-    The driver's own connection failures (asyncpg raises ConnectionRefusedError, not a
-    SQLAlchemy error) become DependencyUnavailable("database"); other dependencies translate
-    their OSErrors themselves before they get here.
+    It takes a connection only while a transaction runs (every service commits or the handle
+    rolls back at the end), so holding the handle costs nothing. Routes that wait (streams,
+    /wait) do not take one at all. The driver's own connection failures (asyncpg raises
+    ConnectionRefusedError, not a SQLAlchemy error) become DependencyUnavailable("database").
     """
     async with request.app.state.db_factory() as db:
         try:
             yield db
         except (ConnectionError, TimeoutError) as exc:
             raise DependencyUnavailable("database", str(exc) or type(exc).__name__) from exc
+
+
+async def _authorize(
+    request: Request, session_id: str, user: Principal, *, allow_self: bool
+) -> Session:
+    """Authorization on a short-lived handle of its own, closed before the route runs."""
+    service: SessionService = request.app.state.sessions
+    try:
+        async with request.app.state.db_factory() as db:
+            return await service.authorize(
+                db=db, principal=user, session_id=session_id, allow_self=allow_self
+            )
+    except (ConnectionError, TimeoutError) as exc:
+        raise DependencyUnavailable("database", str(exc) or type(exc).__name__) from exc
 
 
 def get_service(request: Request) -> SessionService:
@@ -59,19 +74,15 @@ ServiceDep = Annotated[SessionService, Depends(get_service)]
 CurrentUser = Annotated[Principal, Depends(get_principal)]
 
 
-async def get_owned_session(
-    session_id: str, db: DbDep, user: CurrentUser, service: ServiceDep
-) -> Session:
+async def get_owned_session(session_id: str, request: Request, user: CurrentUser) -> Session:
     """The path's session if the caller may touch it: its owner, or a session token of one of
     its ancestors (404 otherwise, never 403: no existence leak)."""
-    return await service.authorize(db=db, principal=user, session_id=session_id, allow_self=False)
+    return await _authorize(request, session_id, user, allow_self=False)
 
 
-async def get_scoped_session(
-    session_id: str, db: DbDep, user: CurrentUser, service: ServiceDep
-) -> Session:
+async def get_scoped_session(session_id: str, request: Request, user: CurrentUser) -> Session:
     """Like get_owned_session, and a session token may also name its own session."""
-    return await service.authorize(db=db, principal=user, session_id=session_id, allow_self=True)
+    return await _authorize(request, session_id, user, allow_self=True)
 
 
 def require_user_token(user: CurrentUser) -> Principal:

@@ -1,8 +1,15 @@
-"""create_app(): the FastAPI application; its lifespan opens and closes every client."""
+"""create_app(): the FastAPI application; its lifespan opens and closes every client.
+
+Start-up order: database (migrated to the newest revision, retried while it comes up), Redis,
+Docker, the artifact store, then the supervised background tasks (event hub, ledger and its
+collectors, reaper). Every blocking SDK has its own thread pool; every background task runs
+under the Supervisor, which /health/ready consults.
+"""
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,29 +18,41 @@ import urllib3
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from minio import Minio
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import SQLAlchemyError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from gateway.api import api_router, health
+from gateway.api import api_router, health, metrics
 from gateway.config import Settings
-from gateway.db.engine import create_tables, make_db_factory, make_engine
+from gateway.db.engine import make_db_factory, make_engine
+from gateway.db.errors import is_outage
+from gateway.db.migrate import migrate
 from gateway.deps import Unauthorized
 from gateway.errors import DependencyUnavailable, GatewayError
+from gateway.executors import BlockingPool
+from gateway.logs import RequestIdMiddleware, request_id
+from gateway.metrics import Metrics
+from gateway.observe import register_gauges
 from gateway.services.artifacts import ArtifactStore, LocalArtifactStore, S3ArtifactStore
 from gateway.services.events import EventHub
 from gateway.services.ledger import Ledger
 from gateway.services.reaper import Reaper
 from gateway.services.runtime.docker import DockerRuntime
 from gateway.services.sessions import SessionService
+from gateway.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
 
 def make_store(settings: Settings) -> ArtifactStore:
     """S3/MinIO when CCGATE_S3_ENDPOINT is set, else a local directory."""
+    pool = BlockingPool("storage", settings.storage_threads)
     if not settings.s3_endpoint:
-        return LocalArtifactStore(settings.artifacts_path)
+        return LocalArtifactStore(settings.artifacts_path, pool)
     client = Minio(
         settings.s3_endpoint,
         access_key=settings.s3_access_key,
@@ -45,14 +64,28 @@ def make_store(settings: Settings) -> ArtifactStore:
             retries=urllib3.Retry(
                 total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)
             ),
-            maxsize=20,
+            maxsize=max(20, settings.storage_threads),
         ),
     )
-    return S3ArtifactStore(client, settings.s3_bucket)
+    return S3ArtifactStore(client, settings.s3_bucket, pool)
 
 
-def _error(status_code: int, detail: str, code: str) -> JSONResponse:
-    return JSONResponse(status_code=status_code, content={"detail": detail, "code": code})
+def make_redis(settings: Settings) -> aioredis.Redis:
+    """The gateway's Redis client: connect and socket timeouts, and pooled connections that
+    a Redis restart broke are retried on a fresh connection instead of failing the request."""
+    return aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=5,
+        socket_timeout=settings.redis_socket_timeout_s,
+        socket_keepalive=True,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
+    )
+
+
+def _error(status_code: int, detail: str, code: str, **extra: str) -> JSONResponse:
+    return JSONResponse(status_code=status_code, content={"detail": detail, "code": code, **extra})
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -63,17 +96,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         jwt_key = settings.jwt_key()
-        engine = make_engine(settings.db_url)
+        engine = make_engine(
+            settings.db_url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            pool_timeout_s=settings.db_pool_timeout_s,
+        )
         await retry(
             retry=retry_if_exception_type((SQLAlchemyError, OSError)),
             stop=stop_after_delay(30),
             wait=wait_exponential(max=2),
             reraise=True,
-        )(create_tables)(engine)
-        redis = aioredis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=5, health_check_interval=30
+        )(migrate)(engine)
+        metrics_ = Metrics()
+        supervisor = Supervisor(
+            on_failure=lambda name: metrics_.task_failures.labels(task=name).inc()
         )
-        runtime = DockerRuntime(settings.docker_host, deployment=settings.deployment_id)
+        redis = make_redis(settings)
+        runtime = DockerRuntime(
+            settings.docker_host,
+            deployment=settings.deployment_id,
+            pool=BlockingPool("docker", settings.docker_threads),
+        )
         store = make_store(settings)
         if isinstance(store, S3ArtifactStore):
             try:
@@ -81,10 +125,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             except DependencyUnavailable as exc:
                 logger.warning("artifact bucket not ready: %s", exc)
         hub = EventHub(redis)
-        await hub.start()
+        await hub.start(supervisor)
         db_factory = make_db_factory(engine)
         ledger = Ledger(
-            settings=settings, redis=redis, db_factory=db_factory, runtime=runtime, store=store
+            settings=settings,
+            redis=redis,
+            db_factory=db_factory,
+            runtime=runtime,
+            store=store,
+            metrics=metrics_,
+            supervisor=supervisor,
+            max_attempts=settings.ledger_max_attempts,
+            collector_workers=settings.collector_workers,
         )
         await ledger.start()
         reaper = Reaper(
@@ -97,15 +149,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             interval_s=settings.reaper_interval_s,
             grace_s=max(settings.reaper_grace_s, settings.stop_timeout_s + 5),
         )
-        await reaper.start()
+        supervisor.start("reaper", reaper.run)
         app.state.settings = settings
         app.state.jwt_key = jwt_key
+        app.state.engine = engine
         app.state.db_factory = db_factory
         app.state.redis = redis
         app.state.runtime = runtime
         app.state.store = store
+        app.state.hub = hub
         app.state.ledger = ledger
         app.state.reaper = reaper
+        app.state.supervisor = supervisor
+        app.state.metrics = metrics_
         app.state.sessions = SessionService(
             settings=settings,
             redis=redis,
@@ -113,15 +169,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             store=store,
             hub=hub,
             jwt_key=jwt_key,
+            db_factory=db_factory,
+            ledger=ledger,
+            metrics=metrics_,
         )
+        register_gauges(app)
         try:
             yield
         finally:
-            await reaper.close()
+            await supervisor.close()
             await ledger.close()
             await hub.close()
             await redis.aclose()
             await runtime.close()
+            store.close()
             await engine.dispose()
 
     app = FastAPI(
@@ -130,11 +191,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Claude Code as a service: one container per session, streamed over WebSocket.",
         lifespan=lifespan,
     )
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(api_router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        if exc.status_code >= 500 and not isinstance(exc, DependencyUnavailable):
+            return _internal(request, exc)
         return _error(exc.status_code, exc.message, exc.code)
 
     @app.exception_handler(Unauthorized)
@@ -144,14 +209,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return response
 
     @app.exception_handler(SQLAlchemyError)
-    async def _database_down(request: Request, exc: SQLAlchemyError) -> JSONResponse:
-        logger.warning("database error: %s", exc)
-        return _error(
-            503, f"database is unavailable: {type(exc).__name__}", "dependency_unavailable"
-        )
+    async def _database_error(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        if is_outage(exc):
+            logger.warning("database unavailable: %s", exc)
+            return _error(
+                503, f"database is unavailable: {type(exc).__name__}", "dependency_unavailable"
+            )
+        return _internal(request, exc)
 
     @app.exception_handler(RedisError)
     async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
         return _error(503, f"redis is unavailable: {exc}", "dependency_unavailable")
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        return _internal(request, exc)
+
+    def _internal(request: Request, exc: BaseException) -> JSONResponse:
+        error_id = uuid.uuid4().hex[:12]
+        logger.error(
+            "internal error %s on %s %s (request %s)",
+            error_id,
+            request.method,
+            request.url.path,
+            request_id.get(),
+            exc_info=exc,
+        )
+        state_metrics = getattr(request.app.state, "metrics", None)
+        if state_metrics is not None:
+            state_metrics.errors.inc()
+        return _error(
+            500,
+            f"internal error {error_id}: this is a bug in ccgate; the log has the details",
+            "internal_error",
+            error_id=error_id,
+        )
 
     return app

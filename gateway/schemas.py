@@ -123,7 +123,7 @@ class SessionCreate(_Strict):
 
     workspace: WorkspaceSpec = Field(default_factory=WorkspaceSpec)
     config: SessionConfig = Field(default_factory=SessionConfig)
-    parent_session_id: str | None = None
+    parent_session_id: str | None = Field(default=None, max_length=36)
 
 
 class SpawnWorkspace(_Strict):
@@ -140,6 +140,13 @@ class SpawnRequest(_Strict):
     config: SessionConfig = Field(default_factory=SessionConfig)
     callback: AnyHttpUrl | None = None
     """Receives a POST of each of the child's turn results (JSON, like the child_result event)."""
+
+    @field_validator("callback")
+    @classmethod
+    def _callback_length(cls, url: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        if url is not None and len(str(url)) > 2000:
+            raise ValueError("callback URL must be at most 2000 characters")
+        return url
 
 
 class SpawnCreated(BaseModel):

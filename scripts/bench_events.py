@@ -141,7 +141,7 @@ async def run(burst: int) -> None:
         ) as http:
             sid = (await http.post("/api/v1/sessions", json={})).json()["session_id"]
             client = aioredis.Redis.from_url(redis_server.url)
-            publisher = EventPublisher(client, sid, stream_maxlen=100_000)
+            publisher = EventPublisher(client, sid)
             await publisher.start()
             for n_clients in (1, 10, 100):
                 baseline = Receiver()

@@ -13,6 +13,8 @@ import signal
 import sys
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -57,8 +59,12 @@ async def amain() -> int:
         return aioredis.Redis.from_url(
             config.redis_url,
             socket_connect_timeout=5,
+            # Above the 2 s BLPOP timeout of the input and control loops.
+            socket_timeout=15,
             socket_keepalive=True,
             health_check_interval=15,
+            retry=Retry(ExponentialBackoff(cap=2.0), 3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
 
     main, blocking_input, blocking_control = client(), client(), client()
@@ -66,12 +72,7 @@ async def amain() -> int:
         spec = await wait_for_spec(main, config.session_id, stop)
         if spec is None:
             return 0
-        publisher = EventPublisher(
-            main,
-            config.session_id,
-            stream_maxlen=config.stream_maxlen,
-            outbox=Outbox(config.state_dir),
-        )
+        publisher = EventPublisher(main, config.session_id, outbox=Outbox(config.state_dir))
         while True:
             try:
                 await publisher.start()

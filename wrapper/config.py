@@ -19,7 +19,6 @@ class WrapperConfig:
     claude_bin: str = "claude"
     workspace: str = "/workspace"
     state_dir: str = "/home/claude/.claude/ccgate"
-    stream_maxlen: int = 10_000
     stop_grace_s: float = 5.0
     ready_timeout_s: float = 60.0
     mcp_ready_timeout_s: float = 15.0
@@ -37,7 +36,6 @@ class WrapperConfig:
             claude_bin=e.get("CCGATE_CLAUDE_BIN", "claude"),
             workspace=e.get("CCGATE_WORKSPACE", "/workspace"),
             state_dir=e.get("CCGATE_STATE_DIR", os.path.join(config_dir, "ccgate")),
-            stream_maxlen=int(e.get("CCGATE_STREAM_MAXLEN", "10000")),
             stop_grace_s=float(e.get("CCGATE_STOP_GRACE_S", "5")),
             ready_timeout_s=float(e.get("CCGATE_READY_TIMEOUT_S", "60")),
         )

@@ -36,6 +36,7 @@ class Outbox:
         self._journal = open(self._journal_path, "ab")
         self._last_appended = 0
         self._delivered = 0
+        self._cursor: tuple[int, int] | None = None  # (next seq expected, byte offset)
 
     def recover(self) -> tuple[int, list[tuple[int, str]]]:
         """(last journaled seq, undelivered (seq, envelope) in order) from a previous run."""
@@ -70,6 +71,30 @@ class Outbox:
         self._journal.flush()
         self._last_appended = seq
 
+    def read_from(self, seq: int, limit: int) -> list[tuple[int, str]]:
+        """Up to ``limit`` journaled (seq, envelope) with seq >= ``seq``, in order: the events
+        the publisher kept out of memory. Reads on from where the last call stopped, so a
+        backlog is read once, front to back."""
+        offset = 0
+        if self._cursor is not None and self._cursor[0] <= seq:
+            offset = self._cursor[1]
+        out: list[tuple[int, str]] = []
+        with open(self._journal_path, "rb") as fh:
+            fh.seek(offset)
+            while len(out) < limit:
+                line = fh.readline()
+                if not line.endswith(b"\n"):
+                    break  # end of the journal (or a line still being written)
+                offset = fh.tell()
+                try:
+                    current = _seq_of(line)
+                except ValueError:
+                    continue
+                if current >= seq:
+                    out.append((current, line.rstrip(b"\n").decode("utf-8", errors="replace")))
+        self._cursor = ((out[-1][0] + 1) if out else seq, offset)
+        return out
+
     def delivered(self, seq: int) -> None:
         """Record that Redis has every event up to ``seq``; compact when all is delivered."""
         self._delivered = seq
@@ -80,6 +105,7 @@ class Outbox:
         if seq >= self._last_appended and self._journal.tell() > self._compact_bytes:
             self._journal.truncate(0)
             self._journal.seek(0)
+            self._cursor = None
 
     def close(self) -> None:
         """Close the journal file."""

@@ -1,16 +1,17 @@
 """Event publisher: assigns each event its seq and delivers it to Redis, in order, at least once.
 
 Delivery of one event is a Lua script: XADD to the session's events stream with the explicit
-entry id ``<seq>-0`` (capped with MAXLEN ~), then PUBLISH the same envelope on the live channel.
+entry id ``<seq>-0``, then PUBLISH the same envelope on the live channel. The wrapper never trims
+the stream: the gateway's ledger trims it below what it has persisted.
 A retried event whose id is already in the stream is recognised by Redis ("equal or smaller")
 and neither appended nor published again, so retries after a lost reply never duplicate.
 
 ``emit`` journals the envelope in the outbox (outbox.py) and queues it; one sender task ships
-the queue in pipelined batches and, while Redis is unreachable, keeps everything and retries with
-backoff. A restarted wrapper resends what the outbox holds undelivered.
-
-Trimming is approximate (``MAXLEN ~``) for caps of 1000 and more, exact below that (Redis only
-drops whole nodes of 100 entries when approximate).
+the queue in pipelined batches and, while Redis is unreachable or refuses writes (``maxmemory``
+reached, a restart), keeps everything and retries with backoff. Memory is bounded: past
+``max_pending`` queued events, new ones are only journaled and the sender reads them back from
+the outbox, in order, once it has caught up. A restarted wrapper resends what the outbox holds
+undelivered.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from collections import deque
 from typing import cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from wrapper.outbox import Outbox
 from wrapper.protocol import (
@@ -37,9 +37,7 @@ from wrapper.protocol import (
 logger = logging.getLogger(__name__)
 
 _APPEND_AND_PUBLISH = """
-local how = '~'
-if tonumber(ARGV[3]) < 1000 then how = '=' end
-local ok = redis.pcall('XADD', KEYS[1], 'MAXLEN', how, ARGV[3], ARGV[1], 'e', ARGV[2])
+local ok = redis.pcall('XADD', KEYS[1], ARGV[1], 'e', ARGV[2])
 if type(ok) == 'table' and ok.err then
   if string.find(ok.err, 'equal or smaller', 1, true) then
     return 0
@@ -56,8 +54,9 @@ _BATCH = 256
 class EventPublisher:
     """Ordered, retrying publisher of event envelopes for one session.
 
-    ``stream_maxlen`` caps the events stream (approximate trim). ``seq`` continues from the
-    last entry already in the stream, so a restarted wrapper never reuses a seq.
+    ``seq`` continues from the last entry already in the stream, so a restarted wrapper never
+    reuses a seq. At most ``max_pending`` envelopes wait in memory; with an outbox, the rest
+    wait in it (without one, emit keeps queueing: tests only).
     """
 
     def __init__(
@@ -65,14 +64,15 @@ class EventPublisher:
         client: aioredis.Redis,
         session_id: str,
         *,
-        stream_maxlen: int,
         outbox: Outbox | None = None,
+        max_pending: int = 2000,
     ) -> None:
         self._redis = client
         self._session_id = session_id
         self._stream = events_key(session_id)
         self._channel = live_channel(session_id)
-        self._maxlen = str(stream_maxlen)
+        self._max_pending = max_pending
+        self._spill_from: int | None = None
         self._script = client.register_script(_APPEND_AND_PUBLISH)
         self._pending: deque[tuple[int, str]] = deque()
         self._wakeup = asyncio.Event()
@@ -120,10 +120,31 @@ class EventPublisher:
             source=source,
         )
         if self._outbox is not None:
-            self._outbox.append(self._last_seq, envelope)
-        self._pending.append((self._last_seq, envelope))
+            try:
+                self._outbox.append(self._last_seq, envelope)
+            except OSError as exc:
+                # Keep publishing from memory so the failure itself can be reported.
+                logger.error("outbox: cannot journal event %d: %s", self._last_seq, exc)
+                self._outbox = None
+                self.journal_error = str(exc)
+                self._spill_from = None
+        if self._outbox is not None and (
+            self._spill_from is not None or len(self._pending) >= self._max_pending
+        ):
+            if self._spill_from is None:
+                self._spill_from = self._last_seq
+        else:
+            self._pending.append((self._last_seq, envelope))
         self._wakeup.set()
         return self._last_seq
+
+    journal_error: str | None = None
+    """Why the outbox stopped journaling (disk full, ...); the runner ends the session."""
+
+    @property
+    def pending(self) -> int:
+        """Events waiting for delivery (in memory or only in the outbox)."""
+        return self._last_seq - self._delivered_seq
 
     async def flush(self, timeout_s: float) -> bool:
         """Wait until every queued event is delivered; False if the timeout ran out first."""
@@ -154,21 +175,33 @@ class EventPublisher:
     async def _run(self) -> None:
         backoff = 0.05
         while not self._closing:
-            if not self._pending:
+            from_memory = bool(self._pending)
+            if from_memory:
+                batch = [self._pending[i] for i in range(min(_BATCH, len(self._pending)))]
+            elif self._spill_from is not None and self._outbox is not None:
+                batch = self._outbox.read_from(self._spill_from, _BATCH)
+            else:
+                batch = []
+            if not batch:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            batch = [self._pending[i] for i in range(min(_BATCH, len(self._pending)))]
             try:
                 await self._send(batch)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                logger.warning("redis unreachable, %d events held: %s", len(self._pending), exc)
+            except (RedisError, OSError) as exc:
+                # Unreachable, restarting, or refusing writes (OOM): everything stays queued.
+                logger.warning("redis: %d events held: %s", self.pending, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff = 0.05
-            for _ in batch:
-                self._pending.popleft()
+            if from_memory:
+                for _ in batch:
+                    self._pending.popleft()
+            elif batch[-1][0] >= self._last_seq:
+                self._spill_from = None
+            else:
+                self._spill_from = batch[-1][0] + 1
             if self._outbox is not None:
                 self._outbox.delivered(batch[-1][0])
             async with self._delivered:
@@ -180,7 +213,7 @@ class EventPublisher:
             for seq, envelope in batch:
                 await self._script(
                     keys=[self._stream, self._channel],
-                    args=[stream_id(seq), envelope, self._maxlen],
+                    args=[stream_id(seq), envelope],
                     client=pipe,
                 )
             await pipe.execute()

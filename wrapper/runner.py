@@ -22,8 +22,7 @@ from collections import deque
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from wrapper.cli_process import (
     CliProcess,
@@ -98,12 +97,14 @@ class SessionRunner:
     # ----------------------------------------------------------------------------- events
 
     def _emit(self, event_type: EventType, data: dict[str, Any]) -> int:
-        return self._events.emit(
+        seq = self._events.emit(
             event_type.value,
             json.dumps(data),
             source=EventSource.WRAPPER,
             turn_id=self._turn.message_id if self._turn else None,
         )
+        self._check_journal()
+        return seq
 
     # ----------------------------------------------------------------------------- main
 
@@ -117,7 +118,7 @@ class SessionRunner:
         ]
         if self._spec.gateway_url:
             tasks.append(asyncio.create_task(self._token_loop(), name="token"))
-        await self._stop.wait()
+        await self._until_stop_or_failure(tasks)
         reason = "crashed" if self._exit_status else "stopped"
         exit_code: int | None = None
         if self._cli is not None:
@@ -140,6 +141,33 @@ class SessionRunner:
         self._emit(EventType.EXITED, {"reason": reason, "cli_exit_code": exit_code})
         await self._events.close(timeout_s=10)
         return self._exit_status
+
+    async def _until_stop_or_failure(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Wait for a stop request; a loop that dies first ends the session visibly (an
+        ``error`` event naming it, then ``exited crashed``) instead of leaving a container
+        that neither publishes nor exits."""
+        stop = asyncio.create_task(self._stop.wait(), name="stop")
+        try:
+            done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        for task in done:
+            if task is stop or self._stop.is_set():
+                continue
+            failure = None if task.cancelled() else task.exception()
+            logger.error("wrapper task %s ended: %r", task.get_name(), failure)
+            self._fatal(
+                "wrapper_task_failed",
+                f"wrapper task {task.get_name()} ended unexpectedly: {failure!r}",
+                list(self._cli.stderr_tail) if self._cli else [],
+            )
+
+    def _check_journal(self) -> None:
+        """End the session when the outbox can no longer journal (e.g. its volume is full)."""
+        problem = self._events.journal_error
+        if problem is not None and not self._stop.is_set():
+            self._events.journal_error = None
+            self._fatal("outbox_failed", f"cannot journal events: {problem}", [])
 
     # ------------------------------------------------------------------------- CLI life
 
@@ -314,6 +342,7 @@ class SessionRunner:
                 source=EventSource.CLI,
                 turn_id=self._turn.message_id if self._turn else None,
             )
+            self._check_journal()
             if kind == "result" and self._result is not None and not self._result.done():
                 self._result.set_result(obj)
         return await cli.wait()
@@ -349,7 +378,7 @@ class SessionRunner:
             await self._ready.wait()
             try:
                 item = await self._input_redis.blpop([key], timeout=_BLPOP_TIMEOUT_S)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except (RedisError, OSError) as exc:
                 logger.warning("input: redis unreachable: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
@@ -431,7 +460,7 @@ class SessionRunner:
         while not self._stop.is_set():
             try:
                 item = await self._control_redis.blpop([key], timeout=_BLPOP_TIMEOUT_S)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except (RedisError, OSError) as exc:
                 logger.warning("control: redis unreachable: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
@@ -459,7 +488,7 @@ class SessionRunner:
         while True:
             try:
                 token = cast(bytes | None, await self._state_redis.get(key))
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except (RedisError, OSError) as exc:
                 logger.warning("token: redis unreachable: %s", exc)
                 token = None
             if token and token != current:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
 
 from gateway.db.models import as_utc
 from gateway.deps import DbDep, OwnedSession, ServiceDep
@@ -35,11 +36,17 @@ async def list_artifacts(session: OwnedSession, db: DbDep, service: ServiceDep) 
 @router.get("/{path:path}")
 async def download_artifact(
     path: str, session: OwnedSession, db: DbDep, service: ServiceDep
-) -> Response:
-    """The file's bytes. Paths are relative to /workspace; '..' and absolute paths are 422."""
-    artifact, data = await service.read_artifact(db=db, session=session, path=path)
-    return Response(
-        content=data,
+) -> StreamingResponse:
+    """The file's bytes, streamed. Paths are relative to /workspace; '..' and absolute paths
+    are 422."""
+    artifact, chunks = await service.open_artifact(db=db, session=session, path=path)
+    await db.close()  # the body streams without a database connection
+    return StreamingResponse(
+        chunks,
         media_type=content_type_of(artifact.path),
-        headers={"ETag": f'"{artifact.sha256}"', "X-Artifact-Sha256": artifact.sha256},
+        headers={
+            "ETag": f'"{artifact.sha256}"',
+            "X-Artifact-Sha256": artifact.sha256,
+            "Content-Length": str(artifact.size),
+        },
     )

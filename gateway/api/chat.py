@@ -59,7 +59,7 @@ async def chat(
         or request.app.state.settings.default_chat_timeout_s
     )
     done = await service.wait_for_turn(
-        db_factory=request.app.state.db_factory, turn=turn, timeout_s=timeout_s + _WAIT_MARGIN_S
+        session_id=session.id, turn_id=turn.id, timeout_s=timeout_s + _WAIT_MARGIN_S
     )
     response.status_code = status.HTTP_200_OK
     return chat_result(done)
@@ -84,13 +84,14 @@ async def get_message(
 
 @router.post("/wait", responses={504: {"description": "still running after the timeout"}})
 async def wait_for_result(
-    body: WaitRequest, session: OwnedSession, request: Request, db: DbDep, service: ServiceDep
+    body: WaitRequest, session: OwnedSession, service: ServiceDep
 ) -> ChatResult:
-    """Wait for the session's latest turn to finish and return its result (the ccgate MCP
-    tool ``wait_for_result`` uses this); 409 when the session has no turn yet."""
-    turn = await service.latest_turn(db=db, session=session)
+    """Wait for the session's latest turn to finish and be recorded (result and artifacts),
+    then return its result (the ccgate MCP tool ``wait_for_result`` uses this); 409 when the
+    session has no turn yet. Holds no database connection while it waits."""
+    turn = await service.latest_turn(session=session)
     done = await service.wait_for_turn(
-        db_factory=request.app.state.db_factory, turn=turn, timeout_s=body.timeout_seconds
+        session_id=session.id, turn_id=turn.id, timeout_s=body.timeout_seconds
     )
     return chat_result(done)
 

@@ -5,19 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
-from sqlmodel import col, select
 
-from gateway.api.stream import archive_reader
-from gateway.db.models import Event
-from gateway.deps import DbDep, OwnedSession, ServiceDep
+from gateway.deps import OwnedSession, ServiceDep
 from gateway.errors import GatewayError, InvalidRequest
-from gateway.services.events import SlowConsumer, envelope_seq, follow_session, read_stream
+from gateway.services.events import SlowConsumer, envelope_seq, follow_session
+from gateway.services.history import archive_reader, read_page
 
+logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/sessions/{session_id}/events", tags=["events"])
 
 _KEEPALIVE_S = 15.0
@@ -27,31 +27,28 @@ _KEEPALIVE_S = 15.0
 async def list_events(
     session: OwnedSession,
     request: Request,
-    db: DbDep,
     after_seq: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     """A page of the session's history: envelopes with seq > ``after_seq``, in order.
 
-    Persisted events come from the database, the newest (not yet persisted) from Redis.
-    Continue with ``after_seq=next_after_seq`` while ``has_more``.
+    Persisted events come from the database, the newest (not yet persisted) from Redis. A
+    range that is in neither is an item ``{"type": "gap", "from_seq", "to_seq"}``: nothing is
+    skipped silently. Continue with ``after_seq=next_after_seq`` while ``has_more``.
     """
-    rows = await db.exec(
-        select(Event.envelope)
-        .where(Event.session_id == session.id, Event.seq > after_seq)
-        .order_by(col(Event.seq))
-        .limit(limit)
+    state = request.app.state
+    page = await read_page(
+        db_factory=state.db_factory,
+        redis=state.redis,
+        session_id=session.id,
+        after_seq=after_seq,
+        limit=limit,
     )
-    merged = {envelope_seq(raw.encode()): raw.encode() for raw in rows.all()}
-    if len(merged) < limit:
-        for raw in await read_stream(request.app.state.redis, session.id, after_seq, limit):
-            merged.setdefault(envelope_seq(raw), raw)
-    seqs = sorted(merged)[:limit]
     return {
         "session_id": session.id,
-        "events": [json.loads(merged[s]) for s in seqs],
-        "next_after_seq": seqs[-1] if seqs else after_seq,
-        "has_more": len(seqs) == limit,
+        "events": page.events,
+        "next_after_seq": page.next_after_seq,
+        "has_more": page.has_more,
     }
 
 
@@ -96,6 +93,9 @@ async def stream_events(
                 await queue.put(raw)
         except (SlowConsumer, GatewayError) as exc:
             await queue.put(exc)
+        except Exception as exc:
+            logger.exception("SSE stream of %s failed", session.id)
+            await queue.put(exc)
 
     async def body() -> AsyncIterator[bytes]:
         task = asyncio.create_task(pump())
@@ -109,12 +109,16 @@ async def stream_events(
                     continue
                 if isinstance(item, Exception):
                     kind = "slow_consumer" if isinstance(item, SlowConsumer) else "error"
+                    if isinstance(item, SlowConsumer):
+                        state.metrics.slow_consumers.inc()
                     yield f"event: {kind}\ndata: {json.dumps({'detail': str(item)})}\n\n".encode()
                     return
                 if item.startswith(b'{"seq":'):
                     yield b"id: %d\ndata: %s\n\n" % (envelope_seq(item), item)
                 else:
-                    yield b"event: gap\ndata: %s\n\n" % item
+                    kind = json.loads(item).get("type", "notice")
+                    yield b"event: %s\ndata: %s\n\n" % (kind.encode(), item)
+            state.metrics.slow_consumers.inc()
             yield b'event: slow_consumer\ndata: {"detail": "buffer overflow"}\n\n'
         finally:
             task.cancel()

@@ -34,7 +34,6 @@ async def spawn(
     if user.session_scope is not None and user.session_scope != parent.id:
         raise Forbidden("a session token can only spawn children of its own session")
     child = await service.spawn(db=db, parent=parent, body=body)
-    request.app.state.ledger.track(child.id)
     return SpawnCreated(
         child_session_id=child.id,
         status=child.status.value,

@@ -1,4 +1,4 @@
-"""Health: real checks of database, redis, storage and docker."""
+"""Health: liveness, readiness (real checks of every dependency and every supervised task)."""
 
 from __future__ import annotations
 
@@ -25,9 +25,7 @@ async def _check(probe: Callable[[], Awaitable[object]]) -> Check:
     return Check(ok=True, detail="ok")
 
 
-@router.get("/health", responses={503: {"model": HealthPublic}})
-async def health(request: Request, response: Response) -> HealthPublic:
-    """200 when database, redis, storage and docker all answer; 503 naming the failures."""
+async def _dependencies(request: Request) -> dict[str, Check]:
     state = request.app.state
 
     async def database() -> None:
@@ -41,7 +39,39 @@ async def health(request: Request, response: Response) -> HealthPublic:
         _check(state.store.ping),
         _check(state.runtime.ping),
     )
-    checks = dict(zip(names, results, strict=True))
+    return dict(zip(names, results, strict=True))
+
+
+def _tasks(request: Request) -> Check:
+    down = request.app.state.supervisor.down()
+    if down:
+        return Check(ok=False, detail=f"background tasks down: {', '.join(sorted(down))}")
+    return Check(ok=True, detail="ok")
+
+
+@router.get("/health", responses={503: {"model": HealthPublic}})
+async def health(request: Request, response: Response) -> HealthPublic:
+    """200 when database, redis, storage and docker all answer; 503 naming the failures."""
+    checks = await _dependencies(request)
+    healthy = all(c.ok for c in checks.values())
+    if not healthy:
+        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    return HealthPublic(status="ok" if healthy else "degraded", checks=checks)
+
+
+@router.get("/health/live")
+async def live() -> dict[str, str]:
+    """200 while the process serves requests (restart it when this fails)."""
+    return {"status": "ok"}
+
+
+@router.get("/health/ready", responses={503: {"model": HealthPublic}})
+async def ready(request: Request, response: Response) -> HealthPublic:
+    """200 when every dependency answers and every supervised background task (event hub,
+    ledger, collectors, reaper) is running; 503 naming what is not (take the replica out of
+    the load balancer)."""
+    checks = await _dependencies(request)
+    checks["tasks"] = _tasks(request)
     healthy = all(c.ok for c in checks.values())
     if not healthy:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE

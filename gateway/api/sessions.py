@@ -59,7 +59,6 @@ async def create_session(
     ``parent_session_id`` the session is a child of that one, under the spawn limits (409).
     """
     session = await service.create_session(db=db, principal=user, body=body)
-    request.app.state.ledger.track(session.id)
     return SessionCreated(
         session_id=session.id,
         status=session.status.value,
@@ -112,6 +111,5 @@ async def delete_session(
 ) -> Response:
     """Stop and delete the session and its subtree: containers, volumes, events, artifacts.
     A deleted child is detached from its parent."""
-    request.app.state.ledger.untrack(session.id)
     await service.delete(db=db, session=session)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

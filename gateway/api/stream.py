@@ -24,13 +24,12 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
-from sqlmodel import col, select
 
 from gateway.auth import InvalidToken, Principal, decode_token
-from gateway.db.models import Event
 from gateway.errors import GatewayError, NotFound
 from gateway.schemas import ChatRequest
 from gateway.services.events import SlowConsumer, follow_session
+from gateway.services.history import archive_reader
 from gateway.services.sessions import SessionService
 
 logger = logging.getLogger(__name__)
@@ -57,21 +56,6 @@ def _token_from(websocket: WebSocket) -> tuple[str | None, str | None]:
         if others:
             return others[0], marker
     return None, None
-
-
-def archive_reader(db_factory: Any) -> Any:
-    """Reads persisted envelopes (for replays older than the Redis stream retains)."""
-
-    async def read(session_id: str, first: int, last: int) -> list[bytes]:
-        async with db_factory() as db:
-            rows = await db.exec(
-                select(Event.envelope)
-                .where(Event.session_id == session_id, Event.seq >= first, Event.seq <= last)
-                .order_by(col(Event.seq))
-            )
-            return [r.encode() for r in rows.all()]
-
-    return read
 
 
 @router.websocket("/sessions/{session_id}/stream")
@@ -128,6 +112,7 @@ async def session_stream(websocket: WebSocket, session_id: str) -> None:
         # The pump may be blocked sending to this very client: cut it off from here.
         await overflow.wait()
         logger.warning("session %s: a client fell behind its buffer; disconnecting it", session_id)
+        state.metrics.slow_consumers.inc()
         raise SlowConsumer("the client fell a whole buffer behind; resume with after_seq")
 
     async def read_client() -> None:

@@ -71,8 +71,8 @@ def decode_token(token: str, *, key: str) -> Principal:
     except JWTError as exc:
         raise InvalidToken(str(exc) or "invalid token") from exc
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not sub:
-        raise InvalidToken("token has no subject")
+    if not isinstance(sub, str) or not sub or len(sub) > 255:
+        raise InvalidToken("token has no subject (or one longer than 255 characters)")
     scope = claims.get(SESSION_CLAIM)
     if scope is not None and (not isinstance(scope, str) or not scope):
         raise InvalidToken("malformed session scope")

@@ -1,27 +1,66 @@
-"""The async engine and the ``db`` handles (named db: "session" is the product noun)."""
+"""The async engine and the ``db`` handles (named db: "session" is the product noun).
+
+Handles are short-lived: every request, stream and background task opens one for its own
+queries and closes it (``async with db_factory() as db``), so a connection is held only while a
+transaction runs, never while a client or a turn is awaited.
+
+SQLite runs in WAL mode with a busy timeout, so readers never block the writer and a writer
+waits (``CCGATE_DB_BUSY_TIMEOUT_S``) instead of failing at once when another one commits.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
-from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.db import models  # noqa: F401  (registers the tables)
 
 
-def make_engine(url: str) -> AsyncEngine:
-    """Engine for ``sqlite+aiosqlite://`` or ``postgresql+asyncpg://`` URLs."""
+def make_engine(
+    url: str, *, pool_size: int = 10, max_overflow: int = 20, pool_timeout_s: float = 10.0
+) -> AsyncEngine:
+    """Engine for ``sqlite+aiosqlite://`` or ``postgresql+asyncpg://`` URLs.
+
+    ``pool_timeout_s`` bounds how long a handle waits for a free connection before
+    ``sqlalchemy.exc.TimeoutError`` (reported as 503 database).
+    """
     if url.startswith("sqlite"):
-        return create_async_engine(url, connect_args={"timeout": 30})
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+        engine = create_async_engine(
+            url,
+            connect_args={"timeout": 30},
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            pool_timeout=pool_timeout_s,
+        )
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout=pool_timeout_s,
+        pool_pre_ping=True,
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
 
 
 def make_db_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    """Factory of ``db`` handles; objects stay usable after commit."""
+    """Factory of ``db`` handles; objects stay usable after commit and after the handle closes."""
     return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
 
 
-async def create_tables(engine: AsyncEngine) -> None:
-    """Create missing tables (idempotent)."""
-    async with engine.begin() as conn:
-        await conn.run_sync(SQLModel.metadata.create_all)
+def pool_in_use(engine: AsyncEngine) -> int:
+    """Connections currently checked out of the engine's pool (for /metrics)."""
+    pool = engine.pool
+    checkedout = getattr(pool, "checkedout", None)
+    return int(checkedout()) if callable(checkedout) else 0

@@ -1,8 +1,10 @@
-"""Tables: Session, Turn, Artifact, Event.
+"""Tables: Session, SpawnTree, Turn, Artifact, Event, DeadLetter.
 
 One Session row per ccgate session (its container, status and running totals); one Turn row per
 prompt (``id`` is the ``message_id`` the API returns); one Artifact row per file collected from the
-workspace; one Event row per envelope persisted by the ledger (``(session_id, seq)`` unique).
+workspace; one Event row per envelope persisted by the ledger (``(session_id, seq)`` unique); one
+DeadLetter row per stream entry the ledger gave up on. The schema is versioned by Alembic
+(``gateway/db/migrations``); a change here needs a new revision there.
 """
 
 from __future__ import annotations
@@ -122,6 +124,12 @@ class Turn(SQLModel, table=True):
     created_at: datetime = _ts(nullable=False, default=utcnow)
     started_at: datetime | None = _ts(nullable=True)
     completed_at: datetime | None = _ts(nullable=True)
+    pending_files: list[dict[str, Any]] | None = Field(
+        default=None, sa_column=Column(JSON(none_as_null=True))
+    )
+    """Changed files still to be copied into the artifact store (the collector's job)."""
+    recorded_at: datetime | None = _ts(nullable=True)
+    """Set once the result and every artifact of the turn are recorded (``turn_recorded``)."""
 
 
 class Artifact(SQLModel, table=True):
@@ -143,3 +151,17 @@ class Event(SQLModel, table=True):
     turn_id: str | None = Field(default=None, max_length=36)
     type: str = Field(max_length=64)
     envelope: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class DeadLetter(SQLModel, table=True):
+    """A stream entry the ledger could not apply after its retries: kept, with the reason, so
+    nothing is dropped silently and the stream can be trimmed past it."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    session_id: str = Field(index=True, max_length=36)
+    entry_id: str = Field(max_length=64)
+    seq: int | None = None
+    attempts: int = 0
+    reason: str = Field(sa_column=Column(Text, nullable=False))
+    envelope: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = _ts(nullable=False, default=utcnow)

@@ -9,6 +9,10 @@ exactly once and in order:
 2. replay ``XRANGE events (after_seq ...`` from the stream (older seqs from the database),
 3. pass live messages, skipping seqs already sent and re-reading the stream on any hole.
 
+Besides envelopes, the live channel carries the gateway's notices (JSON without ``seq``:
+``turn_recorded``); they are passed to clients as they come, never replayed. Anything else that
+is not an envelope is dropped (the channel is writable from inside the container).
+
 Because the wrapper appends to the stream before publishing (one Lua script), anything published
 after step 1 is either replayed in step 2 or arrives in step 3.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -30,6 +35,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import DependencyUnavailable
+from gateway.supervisor import Supervisor
 from wrapper.protocol import ENVELOPE_FIELD, events_key, live_channel, seq_of_stream_id
 
 logger = logging.getLogger(__name__)
@@ -65,10 +71,14 @@ class Subscription:
     queued_bytes: int = 0
     overflowed: bool = False
     overflow: asyncio.Event = field(default_factory=asyncio.Event)
+    accept: Callable[[bytes], bool] | None = None
+    """Filter: only messages it accepts are queued (a turn waiter wants notices only)."""
 
     def deliver(self, raw: bytes) -> None:
         """Queue without waiting; past a bound, mark the subscription overflowed."""
         if self.overflowed:
+            return
+        if self.accept is not None and raw not in (_RESYNC,) and not self.accept(raw):
             return
         if self.queued_bytes + len(raw) > self.max_bytes or self.queue.full():
             self.overflowed = True
@@ -105,27 +115,28 @@ class EventHub:
         self._channels: dict[bytes, _Channel] = {}
         self._queue_size = queue_size
         self._queue_bytes = queue_bytes
-        self._task: asyncio.Task[None] | None = None
         self._anchor = f"ccgate:hub:{socket.gethostname()}:{os.getpid()}".encode()
         # Serialises (un)subscribe calls: concurrent ones could each open a connection.
         self._lock = asyncio.Lock()
 
-    async def start(self) -> None:
-        """Open the connection (anchored by a private channel) and start the reader.
+    async def start(self, supervisor: Supervisor) -> None:
+        """Open the connection (anchored by a private channel) and start the reader under
+        ``supervisor``.
 
         If Redis is down now, the reader keeps retrying; /health reports it meanwhile.
         """
         with contextlib.suppress(RedisError, OSError):
             async with self._lock:
                 await self._pubsub.subscribe(self._anchor)
-        self._task = asyncio.create_task(self._read(), name="event-hub")
+        supervisor.start("event-hub", self._read)
+
+    @property
+    def subscription_count(self) -> int:
+        """Local followers across all sessions."""
+        return sum(len(c.subscribers) for c in self._channels.values())
 
     async def close(self) -> None:
-        """Stop the reader and close the connection."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Close the connection (the supervisor stops the reader)."""
         with contextlib.suppress(RedisError, OSError):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
@@ -134,14 +145,20 @@ class EventHub:
         """Sessions currently subscribed by this process."""
         return len(self._channels)
 
-    async def subscribe(self, session_id: str) -> Subscription:
-        """Follow a session; returns once Redis confirmed the subscription.
+    async def subscribe(
+        self, session_id: str, *, accept: Callable[[bytes], bool] | None = None
+    ) -> Subscription:
+        """Follow a session; returns once Redis confirmed the subscription. ``accept``
+        filters what is queued for this follower.
 
         Raises DependencyUnavailable("redis", ...) when Redis does not answer in 5 s.
         """
         name = live_channel(session_id).encode()
         sub = Subscription(
-            session_id, asyncio.Queue(maxsize=self._queue_size), max_bytes=self._queue_bytes
+            session_id,
+            asyncio.Queue(maxsize=self._queue_size),
+            max_bytes=self._queue_bytes,
+            accept=accept,
         )
         channel = self._channels.get(name)
         if channel is None:
@@ -174,6 +191,10 @@ class EventHub:
                     await self._pubsub.unsubscribe(name)
 
     async def _read(self) -> None:
+        # (Re)started: followers re-read their streams, in case messages were missed.
+        for channel in list(self._channels.values()):
+            for sub in list(channel.subscribers):
+                sub.deliver(_RESYNC)
         while True:
             try:
                 if not self._pubsub.subscribed:
@@ -187,22 +208,46 @@ class EventHub:
             if message is None:
                 continue
             kind = message["type"]
-            channel = self._channels.get(message["channel"])
-            if channel is None:
+            target = self._channels.get(message["channel"])
+            if target is None:
                 continue
             if kind == "message":
-                for sub in list(channel.subscribers):
+                for sub in list(target.subscribers):
                     sub.deliver(message["data"])
             elif kind == "subscribe":
-                if channel.confirmed.is_set():
+                if target.confirmed.is_set():
                     # Re-subscribed after a reconnect: followers re-read the stream.
-                    for sub in list(channel.subscribers):
+                    for sub in list(target.subscribers):
                         sub.deliver(_RESYNC)
-                channel.confirmed.set()
+                target.confirmed.set()
 
 
-ArchiveReader = Callable[[str, int, int], Awaitable[list[bytes]]]
-"""(session_id, first_seq, last_seq) -> persisted envelopes in that range, in seq order."""
+ArchiveReader = Callable[[str, int, int, int], Awaitable[list[bytes]]]
+"""(session_id, first_seq, last_seq, limit) -> up to ``limit`` persisted envelopes in that
+range, in seq order (a page: callers read on from the last seq they got)."""
+
+ARCHIVE_PAGE = 500
+"""Envelopes per archive read: a replay never holds more than this many in memory."""
+
+
+def notice_of(raw: bytes, session_id: str) -> bytes | None:
+    """``raw`` if it is a gateway notice about ``session_id`` (JSON object with a known
+    ``type`` and no ``seq``), else None."""
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        return None
+    if (
+        isinstance(message, dict)
+        and message.get("type") in NOTICE_TYPES
+        and message.get("session_id") == session_id
+        and "seq" not in message
+    ):
+        return raw
+    return None
+
+
+NOTICE_TYPES = frozenset({"turn_recorded"})
 
 
 async def read_stream(
@@ -266,15 +311,18 @@ async def follow_session(
             nonlocal last
             first = await first_retained_seq(client, session_id)
             if first is not None and first > last + 1:
-                archived = await archive(session_id, last + 1, first - 1)
-                for raw in archived:
-                    seq = envelope_seq(raw)
-                    if seq <= last:
-                        continue
-                    if seq > last + 1:
-                        yield gap_marker(session_id, last + 1, seq - 1)
-                    yield raw
-                    last = seq
+                while last < first - 1:
+                    archived = await archive(session_id, last + 1, first - 1, ARCHIVE_PAGE)
+                    for raw in archived:
+                        seq = envelope_seq(raw)
+                        if seq <= last:
+                            continue
+                        if seq > last + 1:
+                            yield gap_marker(session_id, last + 1, seq - 1)
+                        yield raw
+                        last = seq
+                    if len(archived) < ARCHIVE_PAGE:
+                        break
                 if last < first - 1:
                     yield gap_marker(session_id, last + 1, first - 1)
                     last = first - 1
@@ -298,7 +346,15 @@ async def follow_session(
                 async for replayed in catch_up():
                     yield replayed
                 continue
-            seq = envelope_seq(raw)
+            if not raw.startswith(_SEQ_PREFIX):
+                notice = notice_of(raw, session_id)
+                if notice is not None:
+                    yield notice
+                continue
+            try:
+                seq = envelope_seq(raw)
+            except ValueError:
+                continue  # not an envelope (the channel is writable from the container)
             if seq <= last:
                 continue
             if seq > last + 1:

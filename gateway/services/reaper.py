@@ -5,7 +5,10 @@ Every ``interval_s`` each gateway process:
 - removes per-session volumes whose session no longer exists (persistent workspaces are kept),
 - marks a live session failed when its container is gone or has exited without the wrapper's
   ``exited`` event (OOM kill, engine restart), after a grace period so a stop in progress or a
-  just-created container is never mistaken for a crash,
+  just-created container is never mistaken for a crash; a session still being created (no
+  container id yet: a slow workspace clone) is left alone until ``creation_timeout_s``,
+- leaves the container of an ended session in place while one of its turns still waits for
+  its files to be collected (the collector removes it afterwards),
 - renews each live session's token (the ccgate MCP tools' credential) before it expires, and
   re-creates its Redis ACL user if Redis restarted without it.
 """
@@ -18,6 +21,7 @@ import logging
 from datetime import timedelta
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from sqlalchemy import or_
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -25,8 +29,9 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.auth import mint_token
+from gateway.db.errors import is_outage
 from gateway.db.models import Session, SessionStatus, Turn, TurnStatus, as_utc, utcnow
-from gateway.errors import GatewayError
+from gateway.errors import DependencyUnavailable, GatewayError
 from gateway.services import session_redis
 from gateway.services.runtime import ContainerRuntime, ContainerState
 from gateway.services.runtime.base import LABEL_HELPER, LABEL_SESSION
@@ -50,6 +55,7 @@ class Reaper:
         session_acl: bool,
         interval_s: float,
         grace_s: float,
+        creation_timeout_s: float = 600.0,
     ) -> None:
         self._runtime = runtime
         self._redis = redis
@@ -59,26 +65,21 @@ class Reaper:
         self._db = db_factory
         self._interval_s = interval_s
         self._grace = timedelta(seconds=grace_s)
-        self._task: asyncio.Task[None] | None = None
+        self._creation_timeout = timedelta(seconds=creation_timeout_s)
 
-    async def start(self) -> None:
-        """Start the periodic task."""
-        self._task = asyncio.create_task(self._run(), name="reaper")
-
-    async def close(self) -> None:
-        """Stop the periodic task."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """Sweep every ``interval_s`` forever (run it under the Supervisor). An unavailable
+        dependency skips a sweep; any other failure propagates to the supervisor."""
         while True:
             await asyncio.sleep(self._interval_s)
             try:
                 await self.sweep()
-            except (GatewayError, SQLAlchemyError, OSError) as exc:
-                logger.warning("reaper: sweep failed: %s", exc)
+            except (DependencyUnavailable, RedisError, OSError) as exc:
+                logger.warning("reaper: sweep skipped: %s", exc)
+            except SQLAlchemyError as exc:
+                if not is_outage(exc):
+                    raise
+                logger.warning("reaper: sweep skipped, database unavailable: %s", exc)
 
     async def sweep(self) -> dict[str, int]:
         """One reconciliation pass; returns counts of what it did."""
@@ -106,8 +107,20 @@ class Reaper:
                 )
             ).all()
             sessions = {s.id: s for s in rows}
+            collecting = set(
+                (
+                    await db.exec(
+                        select(Turn.session_id).where(
+                            col(Turn.session_id).in_(list(by_session)),
+                            col(Turn.pending_files).is_not(None),
+                        )
+                    )
+                ).all()
+            )
             for sid, container in by_session.items():
                 session = sessions.get(sid)
+                if session is not None and sid in collecting:
+                    continue  # the collector still copies files out of it
                 if session is None or not session.status.live:
                     logger.info("reaper: removing orphan container %s", container.name)
                     await self._runtime.remove(container.id)
@@ -119,6 +132,9 @@ class Reaper:
                 last = as_utc(session.last_activity) or utcnow()
                 if last > cutoff:
                     continue
+                created = as_utc(session.created_at) or utcnow()
+                if session.container_id is None and created > utcnow() - self._creation_timeout:
+                    continue  # still being created (e.g. a slow workspace clone)
                 found = by_session.get(session.id)
                 if found is not None and found.state is not ContainerState.EXITED:
                     continue
@@ -128,8 +144,9 @@ class Reaper:
                     else f"the session container exited with status {found.exit_code}"
                 )
                 await lock_tree(db, session.root_id)
+                ended = await end_session(db, session, SessionStatus.FAILED, reason)
                 await self._fail_turns(db, session, reason)
-                if await end_session(db, session, SessionStatus.FAILED, reason):
+                if ended:
                     failed.append(session)
                     done["sessions_failed"] += 1
                 if found is not None:
@@ -183,4 +200,5 @@ class Reaper:
             turn.status = TurnStatus.FAILED
             turn.errors = [reason]
             turn.completed_at = utcnow()
+            turn.recorded_at = utcnow()
             db.add(turn)

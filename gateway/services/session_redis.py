@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -22,6 +23,7 @@ from wrapper.protocol import (
     control_key,
     events_key,
     input_key,
+    live_channel,
     redis_username,
     session_prefix,
     spec_key,
@@ -174,6 +176,21 @@ async def notify(
         await client.rpush(control_key(session_id), message.to_json())
 
 
+def turn_recorded_notice(session_id: str, message_id: str) -> bytes:
+    """The non-envelope notice (no ``seq``) that a turn's result and artifacts are recorded."""
+    return json.dumps(
+        {"type": "turn_recorded", "session_id": session_id, "message_id": message_id},
+        separators=(",", ":"),
+    ).encode()
+
+
+async def announce_turn_recorded(client: aioredis.Redis, session_id: str, message_id: str) -> None:
+    """Publish :func:`turn_recorded_notice` on the session's live channel, so waiters and
+    clients wake at once (it is a hint: the database is the truth)."""
+    with _redis_errors():
+        await client.publish(live_channel(session_id), turn_recorded_notice(session_id, message_id))
+
+
 async def push_control(client: aioredis.Redis, session_id: str, message: ControlMessage) -> None:
     """Send a control message (interrupt) to the wrapper."""
     with _redis_errors():
@@ -182,6 +199,7 @@ async def push_control(client: aioredis.Redis, session_id: str, message: Control
 
 __all__ = [
     "acl_password",
+    "announce_turn_recorded",
     "drain_turns",
     "ensure_acl_user",
     "ensure_ledger_group",
@@ -193,4 +211,5 @@ __all__ = [
     "revoke_access",
     "store_token",
     "token_ttl",
+    "turn_recorded_notice",
 ]

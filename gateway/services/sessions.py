@@ -13,13 +13,17 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from sqlalchemy import func
+from sqlalchemy import exists, func, insert, literal, update
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, delete, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -27,6 +31,7 @@ from gateway.auth import Principal, mint_token
 from gateway.config import Settings
 from gateway.db.models import (
     Artifact,
+    DeadLetter,
     Event,
     Session,
     SessionStatus,
@@ -43,10 +48,12 @@ from gateway.errors import (
     NotFound,
     TurnTimeout,
 )
+from gateway.metrics import Metrics
 from gateway.schemas import SessionConfig, SessionCreate, SpawnRequest
 from gateway.services import family, session_redis, tree
 from gateway.services.artifacts import ArtifactStore, safe_relative_path
 from gateway.services.events import EventHub
+from gateway.services.ledger import Ledger
 from gateway.services.runtime import ContainerRuntime, ContainerSpec, VolumeMount
 from gateway.services.runtime.base import LABEL_OWNER, LABEL_SESSION, LABEL_WORKSPACE
 from wrapper.protocol import ControlMessage, ControlType, EventType, SessionSpec, TurnRequest
@@ -87,7 +94,11 @@ class _NewSession:
 
 @dataclass
 class SessionService:
-    """Operations on sessions; callers are authorised with :meth:`authorize`."""
+    """Operations on sessions; callers are authorised with :meth:`authorize`.
+
+    Methods that wait (``wait_for_turn``, ``stop``) open short-lived ``db`` handles of their
+    own from ``db_factory`` and hold no connection while they wait.
+    """
 
     settings: Settings
     redis: aioredis.Redis
@@ -95,6 +106,9 @@ class SessionService:
     store: ArtifactStore
     hub: EventHub
     jwt_key: str
+    db_factory: async_sessionmaker[AsyncSession]
+    ledger: Ledger
+    metrics: Metrics
 
     # ------------------------------------------------------------------ lookups, authz
 
@@ -250,8 +264,11 @@ class SessionService:
         }
         db.add(session)
         await db.commit()
+        started = time.monotonic()
         try:
             await self._provision(db, session, spec, cfg.env, parent)
+            self.metrics.container_start_seconds.observe(time.monotonic() - started)
+            self.ledger.track(sid)
             if new.prompt is not None:
                 await self.chat(db=db, session=session, prompt=new.prompt, timeout_s=None)
         except BaseException:
@@ -333,7 +350,6 @@ class SessionService:
         env.update(
             CCGATE_SESSION_ID=sid,
             CCGATE_REDIS_URL=s.container_redis_url(username, password),
-            CCGATE_STREAM_MAXLEN=str(s.stream_maxlen),
             # The wrapper's stop (interrupt 2 s + EOF wait + SIGTERM wait) fits in docker stop's.
             CCGATE_STOP_GRACE_S=f"{max(0.5, (s.stop_timeout_s - 4) / 2):g}",
             CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
@@ -381,16 +397,41 @@ class SessionService:
     async def chat(
         self, *, db: AsyncSession, session: Session, prompt: str, timeout_s: float | None
     ) -> Turn:
-        """Queue a prompt (also while starting or running: turns run in arrival order)."""
-        if not session.status.live:
-            raise Conflict(
-                f"session {session.id} is {session.status.value}; create a new session to chat"
-            )
+        """Queue a prompt (also while starting or running: turns run in arrival order).
+
+        The turn is inserted only if the session is still live, in one statement under the
+        tree's lock, so a concurrent stop either sees it (and cancels it) or refuses it
+        (Conflict): no turn is left queued forever.
+        """
         turn = Turn(id=str(uuid.uuid4()), session_id=session.id, prompt=prompt)
-        db.add(turn)
-        session.last_activity = utcnow()
-        db.add(session)
+        await tree.lock_tree(db, session.root_id)
+        now = utcnow()
+        added = await db.exec(
+            insert(Turn).from_select(
+                ["id", "session_id", "prompt", "status", "created_at"],
+                sa_select(
+                    literal(turn.id, _TURN.c.id.type),
+                    literal(session.id, _TURN.c.session_id.type),
+                    literal(prompt, _TURN.c.prompt.type),
+                    literal(TurnStatus.QUEUED, _TURN.c.status.type),
+                    literal(now, _TURN.c.created_at.type),
+                ).where(
+                    exists().where(
+                        col(Session.id) == session.id, col(Session.status).in_(tree.LIVE)
+                    )
+                ),
+            )
+        )
+        if added.rowcount != 1:
+            await db.rollback()
+            current = await db.get(Session, session.id, populate_existing=True)
+            state = current.status.value if current else "deleted"
+            raise Conflict(f"session {session.id} is {state}; create a new session to chat")
+        await db.exec(
+            update(Session).where(col(Session.id) == session.id).values(last_activity=now)
+        )
         await db.commit()
+        turn.created_at = now
         try:
             await session_redis.push_turn(
                 self.redis,
@@ -399,54 +440,51 @@ class SessionService:
             )
         except DependencyUnavailable:
             with contextlib.suppress(SQLAlchemyError):
-                await db.delete(turn)
+                await db.exec(delete(Turn).where(col(Turn.id) == turn.id))
                 await db.commit()
             raise
         return turn
 
-    async def latest_turn(self, *, db: AsyncSession, session: Session) -> Turn:
-        """The session's most recent prompt; Conflict when it has none."""
-        rows = await db.exec(
-            select(Turn)
-            .where(Turn.session_id == session.id)
-            .order_by(col(Turn.created_at).desc())
-            .limit(1)
-        )
-        turn = rows.first()
+    async def latest_turn(self, *, session: Session) -> Turn:
+        """The session's most recent prompt (own short-lived handle); Conflict when none."""
+        async with self.db_factory() as db:
+            rows = await db.exec(
+                select(Turn)
+                .where(Turn.session_id == session.id)
+                .order_by(col(Turn.created_at).desc())
+                .limit(1)
+            )
+            turn = rows.first()
         if turn is None:
             raise Conflict(f"session {session.id} has no turn to wait for")
         return turn
 
-    async def wait_for_turn(self, *, db_factory: Any, turn: Turn, timeout_s: float) -> Turn:
-        """Wait until the ledger finalised the turn (result and artifacts recorded).
-
-        Wakes on the session's turn_completed events and re-reads the row; raises TurnTimeout.
-        """
-        sub = await self.hub.subscribe(turn.session_id)
+    async def wait_for_turn(self, *, session_id: str, turn_id: str, timeout_s: float) -> Turn:
+        """Wait until the turn is final and recorded (result and artifacts), without holding a
+        database connection: it wakes on the session's ``turn_recorded`` notices (and ``exited``
+        events), with a slow re-check as a safety net. Raises TurnTimeout or NotFound."""
+        sub = await self.hub.subscribe(session_id, accept=_wakes_waiters)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        poll = 0.5
         try:
             while True:
-                async with db_factory() as db:
-                    current = await db.get(Turn, turn.id)
+                async with self.db_factory() as db:
+                    current = await db.get(Turn, turn_id)
                 if current is None:
-                    raise NotFound(f"message {turn.id} not found")
-                if current.status.final:
-                    done: Turn = current
-                    return done
+                    raise NotFound(f"message {turn_id} not found")
+                if current.status.final and current.recorded_at is not None:
+                    return current
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise TurnTimeout(
-                        f"turn {turn.id} is still {current.status.value} after {timeout_s:g}s; "
-                        f"poll GET /api/v1/sessions/{turn.session_id}/messages/{turn.id}"
+                        f"turn {turn_id} is still {current.status.value} after {timeout_s:g}s; "
+                        f"poll GET /api/v1/sessions/{session_id}/messages/{turn_id}"
                     )
-                try:
-                    raw = await asyncio.wait_for(sub.get(), min(remaining, poll))
-                    if b'"type":"turn_completed"' in raw or b'"type":"exited"' in raw:
-                        poll = 0.02
-                except TimeoutError:
-                    pass
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(sub.get(), min(remaining, _WAIT_RECHECK_S))
+                    if sub.overflowed:
+                        await self.hub.unsubscribe(sub)
+                        sub = await self.hub.subscribe(session_id, accept=_wakes_waiters)
         finally:
             await self.hub.unsubscribe(sub)
 
@@ -470,46 +508,80 @@ class SessionService:
     async def stop(self, *, db: AsyncSession, session: Session) -> Session:
         """Stop the session and its whole subtree, children first.
 
-        Each container is stopped for real (SIGTERM, grace, SIGKILL) and removed; volumes stay.
-        Prompts that never ran are cancelled. Idempotent on a stopped session.
+        Each container is stopped for real (SIGTERM, grace, SIGKILL); the wrapper ends a running
+        turn (``interrupted``) and says ``exited``; the stop waits (at most
+        ``stop_record_timeout_s``) until the ledger has recorded that turn and copied its files,
+        then removes the container. Prompts that never ran are cancelled. Volumes stay.
+        Children admitted while the stop ran are stopped too. Idempotent.
         """
-        for child in await family.children_of(db, session.id):
-            await self.stop(db=db, session=child)
-        if not session.status.live:
-            return session
+        await self._stop_children(db, session)
+        current = await db.get(Session, session.id, populate_existing=True)
+        if current is None or not current.status.live:
+            return current or session
+        session = current
         session.last_activity = utcnow()  # the reaper leaves recently active sessions alone
         db.add(session)
         await db.commit()
         if session.container_id:
             await self.runtime.stop(session.container_id, timeout_s=self.settings.stop_timeout_s)
+            await self._await_recorded(session.id)
             await self.runtime.remove(session.container_id)
         await session_redis.drain_turns(self.redis, session.id)
         await session_redis.revoke_access(self.redis, session.id)
         await tree.lock_tree(db, session.root_id)
-        await cancel_open_turns(db, session.id)
+        # Status first: from here a concurrent chat is refused (its conditional insert waits
+        # for this transaction), and every turn it already inserted is seen and cancelled.
         ended = await tree.end_session(db, session, SessionStatus.STOPPED)
+        await tree.cancel_open_turns(db, session.id)
         await db.commit()
+        await self._stop_children(db, session)
         if ended and session.parent_session_id:
             await self._notify(
                 session.parent_session_id, EventType.CHILD_STOPPED, {"child_session_id": session.id}
             )
         return session
 
+    async def _stop_children(self, db: AsyncSession, session: Session) -> None:
+        for child in await family.children_of(db, session.id):
+            if child.status.live:
+                await self.stop(db=db, session=child)
+
+    async def _await_recorded(self, session_id: str) -> None:
+        """Wait until the ledger applied the session's ``exited`` and recorded every turn."""
+        deadline = time.monotonic() + self.settings.stop_record_timeout_s
+        while time.monotonic() < deadline:
+            async with self.db_factory() as db:
+                current = await db.get(Session, session_id)
+                unrecorded = (
+                    await db.exec(
+                        select(func.count())
+                        .select_from(Turn)
+                        .where(Turn.session_id == session_id, col(Turn.recorded_at).is_(None))
+                    )
+                ).one()
+            if current is None or (not current.status.live and not unrecorded):
+                return
+            await asyncio.sleep(0.05)
+        logger.warning("stop: the ledger had not recorded %s in time; removing anyway", session_id)
+
     async def delete(self, *, db: AsyncSession, session: Session) -> None:
         """Delete the session and its subtree: containers, own volumes, Redis keys, artifacts,
         events, turns and rows. A deleted child is detached from its parent."""
         for child in await family.children_of(db, session.id):
             await self.delete(db=db, session=child)
-        await self.stop(db=db, session=session)
+        session = await self.stop(db=db, session=session)
+        self.ledger.untrack(session.id)
         await self._remove_resources(session, quiet=False)
         await session_redis.purge(self.redis, session.id)
         await self.store.delete_session(session.id)
         await tree.lock_tree(db, session.root_id)
-        for table in (Event, Artifact, Turn):
+        for table in (Event, Artifact, Turn, DeadLetter):
             await db.exec(delete(table).where(col(table.session_id) == session.id))
         if session.parent_session_id is None:
             await db.exec(delete(SpawnTree).where(col(SpawnTree.root_id) == session.id))
-        await db.delete(session)
+        row = await db.get(Session, session.id)
+        if row is not None:
+            await db.delete(row)
         await db.commit()
 
     # ---------------------------------------------------------------------- artifacts
@@ -521,19 +593,29 @@ class SessionService:
         )
         return list(rows.all())
 
-    async def read_artifact(
+    async def open_artifact(
         self, *, db: AsyncSession, session: Session, path: str
-    ) -> tuple[Artifact, bytes]:
-        """Metadata and bytes of one artifact; InvalidRequest on traversal, NotFound if absent."""
+    ) -> tuple[Artifact, AsyncIterator[bytes]]:
+        """Metadata and a chunk stream of one artifact; InvalidRequest on traversal, NotFound
+        if absent (from the database or from storage)."""
         clean = safe_relative_path(path)
         artifact = await db.get(Artifact, (session.id, clean))
         if artifact is None:
             raise NotFound(f"artifact {clean} not found in session {session.id}")
         try:
-            data = await self.store.get(session.id, clean)
+            chunks = await self.store.open(session.id, clean)
         except FileNotFoundError as exc:
             raise NotFound(f"artifact {clean} is recorded but missing from storage") from exc
-        return artifact, data
+        return artifact, chunks
+
+
+_WAIT_RECHECK_S = 5.0
+_TURN: Any = Turn.__table__  # type: ignore[attr-defined]
+
+
+def _wakes_waiters(raw: bytes) -> bool:
+    """Messages a turn waiter needs: gateway notices (no seq) and ``exited`` events."""
+    return not raw.startswith(b'{"seq":') or b'"type":"exited"' in raw
 
 
 def _inherit(parent: Session, given: SessionConfig) -> SessionConfig:
@@ -543,18 +625,4 @@ def _inherit(parent: Session, given: SessionConfig) -> SessionConfig:
     return SessionConfig.model_validate(base | given.model_dump(exclude_unset=True))
 
 
-async def cancel_open_turns(db: AsyncSession, session_id: str) -> None:
-    """Mark prompts that will never run (queued, or cut off mid-turn) as cancelled."""
-    rows = await db.exec(
-        select(Turn).where(
-            Turn.session_id == session_id,
-            col(Turn.status).in_([TurnStatus.QUEUED, TurnStatus.RUNNING]),
-        )
-    )
-    for turn in rows.all():
-        turn.status = TurnStatus.CANCELLED
-        turn.completed_at = utcnow()
-        db.add(turn)
-
-
-__all__ = ["SessionService", "cancel_open_turns", "workspace_volume_name"]
+__all__ = ["SessionService", "workspace_volume_name"]

@@ -23,7 +23,7 @@ from sqlalchemy.sql.dml import UpdateBase
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from gateway.db.models import Session, SessionStatus, SpawnTree, utcnow
+from gateway.db.models import Session, SessionStatus, SpawnTree, Turn, TurnStatus, utcnow
 from gateway.errors import Conflict
 
 LIVE = [SessionStatus.STARTING, SessionStatus.IDLE, SessionStatus.RUNNING]
@@ -91,7 +91,15 @@ async def admit_child(db: AsyncSession, *, parent: Session, limits: SpawnLimits)
         (
             update(Session)
             .where(col(Session.id) == parent.id)
+            .where(col(Session.status).in_(LIVE))
+            .values(live_children=col(Session.live_children)),
+            f"spawn refused: parent session {parent.id} is no longer live",
+        ),
+        (
+            update(Session)
+            .where(col(Session.id) == parent.id)
             .where(col(Session.live_children) < limits.max_children)
+            .where(col(Session.status).in_(LIVE))
             .values(live_children=col(Session.live_children) + 1),
             f"spawn refused: max_children_per_session is {limits.max_children} "
             f"(live children of session {parent.id})",
@@ -180,3 +188,36 @@ async def add_spend(db: AsyncSession, *, root_id: str, delta_usd: float) -> None
             .where(col(SpawnTree.root_id) == root_id)
             .values(spend_usd=col(SpawnTree.spend_usd) + delta_usd)
         )
+
+
+async def cancel_open_turns(
+    db: AsyncSession,
+    session_id: str,
+    *,
+    running: TurnStatus = TurnStatus.INTERRUPTED,
+    reason: str = "stopped",
+) -> int:
+    """Finalise the turns of an ending session that never got a result: queued ones become
+    ``cancelled``, a running one becomes ``running`` (interrupted by default) with
+    ``terminal_reason`` = ``reason``. Deterministic whatever the timing. Returns how many."""
+    rows = await db.exec(
+        select(Turn).where(
+            Turn.session_id == session_id,
+            col(Turn.status).in_([TurnStatus.QUEUED, TurnStatus.RUNNING]),
+        )
+    )
+    now = utcnow()
+    count = 0
+    for turn in rows.all():
+        if turn.status is TurnStatus.RUNNING:
+            turn.status = running
+            turn.terminal_reason = reason
+            turn.is_error = True
+            turn.errors = [f"the turn did not finish: {reason}"]
+        else:
+            turn.status = TurnStatus.CANCELLED
+        turn.completed_at = now
+        turn.recorded_at = now
+        db.add(turn)
+        count += 1
+    return count

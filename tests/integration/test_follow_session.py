@@ -9,12 +9,13 @@ import uuid
 import redis.asyncio as aioredis
 
 from gateway.services.events import EventHub, envelope_seq, follow_session
+from gateway.supervisor import Supervisor
 from tests.servers import RedisServer
 from wrapper.protocol import EventSource, encode_envelope
 from wrapper.publisher import EventPublisher
 
 
-async def _no_archive(session_id: str, first: int, last: int) -> list[bytes]:
+async def _no_archive(session_id: str, first: int, last: int, limit: int) -> list[bytes]:
     return []
 
 
@@ -24,8 +25,9 @@ async def test_followers_joining_mid_stream_get_every_event_once_in_order(
     sid = str(uuid.uuid4())
     client = aioredis.Redis.from_url(redis_server.url)
     hub = EventHub(client)
-    await hub.start()
-    publisher = EventPublisher(client, sid, stream_maxlen=100_000)
+    supervisor = Supervisor()
+    await hub.start(supervisor)
+    publisher = EventPublisher(client, sid)
     await publisher.start()
     total = 2000
 
@@ -54,6 +56,7 @@ async def test_followers_joining_mid_stream_get_every_event_once_in_order(
         assert seen == list(range(after + 1, total + 1))
     assert hub.channel_count == 0
     await publisher.close(1)
+    await supervisor.close()
     await hub.close()
     await client.aclose()
 
@@ -64,7 +67,8 @@ async def test_events_trimmed_from_redis_come_from_the_archive_or_as_an_explicit
     sid = str(uuid.uuid4())
     client = aioredis.Redis.from_url(redis_server.url)
     hub = EventHub(client)
-    await hub.start()
+    supervisor = Supervisor()
+    await hub.start(supervisor)
     stream = f"ccgate:session:{sid}:events"
     for seq in range(1, 11):
         raw = encode_envelope(
@@ -86,8 +90,8 @@ async def test_events_trimmed_from_redis_come_from_the_archive_or_as_an_explicit
         for seq in range(3, 6)
     }
 
-    async def archive(session_id: str, first: int, last: int) -> list[bytes]:
-        return [archived[s] for s in range(first, last + 1) if s in archived]
+    async def archive(session_id: str, first: int, last: int, limit: int) -> list[bytes]:
+        return [archived[s] for s in range(first, last + 1) if s in archived][:limit]
 
     async def take(after: int, count: int) -> list[bytes]:
         out: list[bytes] = []
@@ -104,5 +108,6 @@ async def test_events_trimmed_from_redis_come_from_the_archive_or_as_an_explicit
         "type": "gap", "session_id": sid, "from_seq": 1, "to_seq": 2,
     }  # fmt: skip
     assert [envelope_seq(r) for r in with_gap[1:]] == list(range(3, 9))
+    await supervisor.close()
     await hub.close()
     await client.aclose()

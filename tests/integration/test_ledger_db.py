@@ -5,24 +5,29 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import func, select
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.config import Settings
-from gateway.db.engine import create_tables, make_db_factory, make_engine
-from gateway.db.models import Event, Session, SessionStatus, Turn, TurnStatus
+from gateway.db.engine import make_db_factory, make_engine
+from gateway.db.migrate import migrate
+from gateway.db.models import DeadLetter, Event, Session, SessionStatus, Turn, TurnStatus
+from gateway.metrics import Metrics
 from gateway.services.artifacts import LocalArtifactStore
+from gateway.services.history import read_page
 from gateway.services.ledger import Ledger
 from gateway.services.runtime.docker import DockerRuntime
 from gateway.services.session_redis import ensure_ledger_group
+from gateway.supervisor import Supervisor
 from tests.servers import PostgresServer, RedisServer
-from wrapper.protocol import EventSource
+from wrapper.protocol import LEDGER_GROUP, EventSource, events_key
 from wrapper.publisher import EventPublisher
 
 
@@ -36,32 +41,94 @@ async def engine(
         else postgres_server.url
     )
     eng = make_engine(url)
-    await create_tables(eng)
+    await migrate(eng)
     yield eng
     await eng.dispose()
 
 
-async def _wait_for(check: Any, timeout_s: float = 10) -> None:
+LedgerFactory = Callable[..., Awaitable[Ledger]]
+
+
+@pytest.fixture
+async def make_ledger(
+    engine: AsyncEngine, redis_server: RedisServer, tmp_path: Path
+) -> AsyncIterator[LedgerFactory]:
+    """Started ledgers (each with its own supervisor), closed after the test."""
+    made: list[tuple[Ledger, Supervisor, aioredis.Redis]] = []
+
+    async def _make(*sids: str, **settings: Any) -> Ledger:
+        client = aioredis.Redis.from_url(redis_server.url)
+        supervisor = Supervisor()
+        ledger = Ledger(
+            settings=Settings(data_dir=tmp_path, **settings),
+            redis=client,
+            db_factory=make_db_factory(engine),
+            runtime=DockerRuntime(),
+            store=LocalArtifactStore(tmp_path / "artifacts"),
+            metrics=Metrics(),
+            supervisor=supervisor,
+            max_attempts=3,
+        )
+        for sid in sids:
+            ledger.track(sid)
+        await ledger.start()
+        made.append((ledger, supervisor, client))
+        return ledger
+
+    yield _make
+    for ledger, supervisor, client in made:
+        await supervisor.close()
+        await ledger.close()
+        await client.aclose()
+
+
+async def _wait_for(check: Callable[[], Awaitable[bool]], timeout_s: float = 10) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while not await check():
         assert asyncio.get_running_loop().time() < deadline, "condition not reached"
         await asyncio.sleep(0.05)
 
 
+async def _session(db_factory: async_sessionmaker[AsyncSession], *turns: str) -> str:
+    sid = str(uuid.uuid4())
+    async with db_factory() as db:
+        db.add(Session(id=sid, owner="u", workspace_volume="v", root_id=sid))
+        await db.commit()
+        for mid in turns:
+            db.add(Turn(id=mid, session_id=sid, prompt=mid))
+        await db.commit()
+    return sid
+
+
+async def _event_count(db_factory: async_sessionmaker[AsyncSession], sid: str) -> int:
+    async with db_factory() as db:
+        return int((await db.exec(select(func.count()).where(Event.session_id == sid))).one())
+
+
+def _completed(mid: str, total: float, usage: int) -> dict[str, Any]:
+    return {
+        "message_id": mid,
+        "subtype": "success",
+        "is_error": False,
+        "result": f"done {mid}",
+        "terminal_reason": "completed",
+        "usage": {"input_tokens": usage, "output_tokens": 1},
+        "total_cost_usd": total,
+        "num_turns": 1,
+        "duration_ms": 5,
+        "files": [],
+    }
+
+
 async def test_turn_results_costs_and_status_are_recorded_once(
-    engine: AsyncEngine, redis_server: RedisServer, tmp_path: Path
+    engine: AsyncEngine, redis_server: RedisServer, make_ledger: LedgerFactory
 ) -> None:
     db_factory = make_db_factory(engine)
     client = aioredis.Redis.from_url(redis_server.url)
-    sid, mid1, mid2 = (str(uuid.uuid4()) for _ in range(3))
-    async with db_factory() as db:
-        db.add(Session(id=sid, owner="u", workspace_volume="v"))
-        await db.commit()
-        db.add(Turn(id=mid1, session_id=sid, prompt="one"))
-        db.add(Turn(id=mid2, session_id=sid, prompt="two"))
-        await db.commit()
+    mid1, mid2 = str(uuid.uuid4()), str(uuid.uuid4())
+    sid = await _session(db_factory, mid1, mid2)
     await ensure_ledger_group(client, sid)
-    publisher = EventPublisher(client, sid, stream_maxlen=1000)
+    publisher = EventPublisher(client, sid)
     await publisher.start()
 
     def wrapper(kind: str, data: dict[str, Any], turn: str | None) -> None:
@@ -73,43 +140,16 @@ async def test_turn_results_costs_and_status_are_recorded_once(
         publisher.emit(
             "result", json.dumps({"type": "result"}), source=EventSource.CLI, turn_id=mid
         )
-        wrapper(
-            "turn_completed",
-            {
-                "message_id": mid,
-                "subtype": "success",
-                "is_error": False,
-                "result": f"done {mid}",
-                "terminal_reason": "completed",
-                "usage": {"input_tokens": usage, "output_tokens": 1},
-                "total_cost_usd": total,
-                "num_turns": 1,
-                "duration_ms": 5,
-                "files": [],
-            },
-            mid,
-        )
+        wrapper("turn_completed", _completed(mid, total, usage), mid)
     await publisher.flush(5)
-
-    ledger = Ledger(
-        settings=Settings(data_dir=tmp_path),
-        redis=client,
-        db_factory=db_factory,
-        runtime=DockerRuntime(),
-        store=LocalArtifactStore(tmp_path / "artifacts"),
-    )
-    ledger.track(sid)
-    await ledger.start()
+    await make_ledger(sid)
 
     async def both_done() -> bool:
         async with db_factory() as db:
             turn = await db.get(Turn, mid2)
             return turn is not None and turn.status is TurnStatus.COMPLETED
 
-    try:
-        await _wait_for(both_done)
-    finally:
-        await ledger.close()
+    await _wait_for(both_done)
     async with db_factory() as db:
         session = await db.get(Session, sid)
         assert session is not None
@@ -122,54 +162,182 @@ async def test_turn_results_costs_and_status_are_recorded_once(
         assert first is not None and second is not None
         assert first.cost_usd == pytest.approx(0.25) and second.cost_usd == pytest.approx(0.5)
         assert second.result == f"done {mid2}"
-        count = (await db.exec(select(func.count()).where(Event.session_id == sid))).one()
-        assert count == publisher.last_seq == 7
+        assert second.recorded_at is not None  # no files: recorded with the result
+    await _wait_for(lambda: _equal(_event_count(db_factory, sid), 7))
     await publisher.close(1)
     await client.aclose()
+
+
+async def _equal(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
 
 
 async def test_two_ledgers_in_one_process_share_the_work_without_double_applying(
-    engine: AsyncEngine,
-    redis_server: RedisServer,
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
+    engine: AsyncEngine, redis_server: RedisServer, make_ledger: LedgerFactory
 ) -> None:
     db_factory = make_db_factory(engine)
     client = aioredis.Redis.from_url(redis_server.url)
-    sid = str(uuid.uuid4())
-    async with db_factory() as db:
-        db.add(Session(id=sid, owner="u", workspace_volume="v", root_id=sid))
-        await db.commit()
+    sid = await _session(db_factory)
     await ensure_ledger_group(client, sid)
-    publisher = EventPublisher(client, sid, stream_maxlen=10_000)
+    publisher = EventPublisher(client, sid)
     await publisher.start()
-    ledgers = [
-        Ledger(
-            settings=Settings(data_dir=tmp_path),
-            redis=client,
-            db_factory=db_factory,
-            runtime=DockerRuntime(),
-            store=LocalArtifactStore(tmp_path / "artifacts"),
-        )
-        for _ in range(2)
-    ]
-    for ledger in ledgers:
-        ledger.track(sid)
-        await ledger.start()
+    for _ in range(2):
+        await make_ledger(sid)
     for n in range(300):
         publisher.emit("assistant", json.dumps({"n": n}), source=EventSource.CLI, turn_id=None)
     await publisher.flush(10)
-
-    async def all_persisted() -> bool:
-        async with db_factory() as db:
-            count = (await db.exec(select(func.count()).where(Event.session_id == sid))).one()
-        return bool(count == 300)
-
-    try:
-        await _wait_for(all_persisted, timeout_s=20)
-    finally:
-        for ledger in ledgers:
-            await ledger.close()
-    assert "not applied yet" not in caplog.text  # no entry was applied by both
+    await _wait_for(lambda: _equal(_event_count(db_factory, sid), 300), timeout_s=20)
+    async with db_factory() as db:
+        letters = (await db.exec(select(DeadLetter).where(DeadLetter.session_id == sid))).all()
+    assert letters == []
     await publisher.close(1)
     await client.aclose()
+
+
+async def test_an_entry_a_dead_replica_left_pending_is_taken_over_and_persisted(
+    engine: AsyncEngine, redis_server: RedisServer, make_ledger: LedgerFactory
+) -> None:
+    """Exactly one unacknowledged entry (the XAUTOCLAIM justid reply shape that crashed)."""
+    db_factory = make_db_factory(engine)
+    client = aioredis.Redis.from_url(redis_server.url)
+    mid = str(uuid.uuid4())
+    sid = await _session(db_factory, mid)
+    await ensure_ledger_group(client, sid)
+    publisher = EventPublisher(client, sid)
+    await publisher.start()
+    publisher.emit(
+        "turn_completed",
+        json.dumps(_completed(mid, 0.5, 10)),
+        source=EventSource.WRAPPER,
+        turn_id=mid,
+    )
+    await publisher.flush(5)
+    # A replica reads the entry and dies before acknowledging it.
+    read = await client.xreadgroup(LEDGER_GROUP, "dead-replica", {events_key(sid): ">"})
+    assert len(read[0][1]) == 1
+    await make_ledger(sid, ledger_claim_idle_s=0.3)
+
+    async def recorded() -> bool:
+        async with db_factory() as db:
+            turn = await db.get(Turn, mid)
+            return turn is not None and turn.status is TurnStatus.COMPLETED
+
+    await _wait_for(recorded)
+    page = await read_page(
+        db_factory=db_factory, redis=client, session_id=sid, after_seq=0, limit=10
+    )
+    assert [e["seq"] for e in page.events] == [1]
+    summary = await client.xpending(events_key(sid), LEDGER_GROUP)
+    assert summary["pending"] == 0
+    await publisher.close(1)
+    await client.aclose()
+
+
+async def test_a_poison_entry_is_dead_lettered_and_other_sessions_go_on(
+    engine: AsyncEngine, redis_server: RedisServer, make_ledger: LedgerFactory
+) -> None:
+    db_factory = make_db_factory(engine)
+    client = aioredis.Redis.from_url(redis_server.url)
+    mid = str(uuid.uuid4())
+    poisoned = await _session(db_factory, mid)
+    healthy = await _session(db_factory)
+    for sid in (poisoned, healthy):
+        await ensure_ledger_group(client, sid)
+    bad = EventPublisher(client, poisoned)
+    good = EventPublisher(client, healthy)
+    for publisher in (bad, good):
+        await publisher.start()
+    # Well-formed JSON the applier cannot apply ("files" must be a list), and garbage.
+    bad.emit(
+        "turn_completed",
+        json.dumps({**_completed(mid, 0.1, 1), "files": 5}),
+        source=EventSource.WRAPPER,
+        turn_id=mid,
+    )
+    await bad.close(5)
+    await client.xadd(events_key(poisoned), {"e": b"\xff not json"}, id="2-0")
+    bad = EventPublisher(client, poisoned)  # continues after the stream's last seq
+    await bad.start()
+    bad.emit("assistant", json.dumps({"after": True}), source=EventSource.CLI, turn_id=None)
+    await bad.flush(5)
+    for n in range(50):
+        good.emit("assistant", json.dumps({"n": n}), source=EventSource.CLI, turn_id=None)
+    await good.flush(5)
+    await make_ledger(poisoned, healthy)
+    await _wait_for(lambda: _equal(_event_count(db_factory, healthy), 50))
+
+    async def two_letters() -> bool:
+        async with db_factory() as db:
+            rows = (
+                await db.exec(select(DeadLetter).where(DeadLetter.session_id == poisoned))
+            ).all()
+        return len(rows) == 2
+
+    await _wait_for(two_letters, timeout_s=20)
+    async with db_factory() as db:
+        rows = (
+            await db.exec(
+                select(DeadLetter)
+                .where(DeadLetter.session_id == poisoned)
+                .order_by(DeadLetter.entry_id)  # type: ignore[arg-type]
+            )
+        ).all()
+    assert rows[0].entry_id == "1-0" and "apply" in rows[0].reason and rows[0].attempts == 3
+    assert rows[1].entry_id == "2-0" and rows[1].attempts == 1
+    # The event after the poison is persisted, and the poison's seq is never skipped silently:
+    # seq 1 is persisted as an event (its apply failed), seq 2 is reported as a gap.
+    await _wait_for(lambda: _equal(_event_count(db_factory, poisoned), 2))
+    await client.xtrim(events_key(poisoned), maxlen=0)
+    page = await read_page(
+        db_factory=db_factory, redis=client, session_id=poisoned, after_seq=0, limit=10
+    )
+    assert [(e.get("seq"), e["type"]) for e in page.events] == [
+        (1, "turn_completed"),
+        (None, "gap"),
+        (3, "assistant"),
+    ]
+    for publisher in (bad, good):
+        await publisher.close(1)
+    await client.aclose()
+
+
+async def test_a_burst_past_the_stream_cap_reaches_the_history_complete(
+    engine: AsyncEngine, redis_server: RedisServer, make_ledger: LedgerFactory
+) -> None:
+    """15,000 events with a 50-event stream cap: nothing is trimmed before it is persisted."""
+    db_factory = make_db_factory(engine)
+    client = aioredis.Redis.from_url(redis_server.url)
+    sid = await _session(db_factory)
+    await ensure_ledger_group(client, sid)
+    publisher = EventPublisher(client, sid)
+    await publisher.start()
+    await make_ledger(sid, stream_maxlen=50)
+    total = 15_000
+    for n in range(total):
+        publisher.emit(
+            "stream_event", json.dumps({"delta": n}), source=EventSource.CLI, turn_id=None
+        )
+    await publisher.flush(60)
+    await _wait_for(lambda: _equal(_event_count(db_factory, sid), total), timeout_s=120)
+    seqs: list[int] = []
+    after = 0
+    while True:
+        page = await read_page(
+            db_factory=db_factory, redis=client, session_id=sid, after_seq=after, limit=1000
+        )
+        assert all(e["type"] != "gap" for e in page.events)
+        seqs += [e["seq"] for e in page.events]
+        after = page.next_after_seq
+        if not page.has_more:
+            break
+    assert seqs == list(range(1, total + 1))
+    await asyncio.sleep(1.2)  # the next trim pass
+    publisher.emit("stream_event", "{}", source=EventSource.CLI, turn_id=None)
+    await publisher.flush(5)
+    await _wait_for(lambda: _stream_shorter(client, sid, 1000), timeout_s=10)
+    await publisher.close(1)
+    await client.aclose()
+
+
+async def _stream_shorter(client: aioredis.Redis, sid: str, limit: int) -> bool:
+    return int(await client.xlen(events_key(sid))) < limit

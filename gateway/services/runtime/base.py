@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import IO
 
 LABEL_MANAGED = "ccgate.managed"
 LABEL_SESSION = "ccgate.session_id"
@@ -13,6 +15,10 @@ LABEL_WORKSPACE = "ccgate.workspace"
 LABEL_DEPLOYMENT = "ccgate.deployment"  # the deployment that owns it (one engine, many)
 # Short-lived helper containers (volume copies); the reaper skips them.
 LABEL_HELPER = "ccgate.helper"
+
+FileSink = Callable[[IO[bytes], int], None]
+"""Blocking consumer of an exported file: ``sink(reader, size_bytes)``, called in a worker
+thread; it may raise (e.g. DependencyUnavailable("storage")), which aborts the export."""
 
 
 class ContainerState(StrEnum):
@@ -116,6 +122,8 @@ class ContainerRuntime(abc.ABC):
         """Names and labels of this deployment's volumes carrying a ``ccgate.session_id``."""
 
     @abc.abstractmethod
-    async def read_file(self, container_id: str, path: str, *, max_bytes: int) -> bytes:
-        """Contents of a regular file inside the container; raises FileNotFoundError, or
-        ValueError when it is larger than ``max_bytes``."""
+    async def export_file(
+        self, container_id: str, path: str, *, max_bytes: int, sink: FileSink
+    ) -> tuple[int, str]:
+        """Stream a regular file out of the container into ``sink``; returns (size, sha256).
+        Raises FileNotFoundError, or ValueError when it is larger than ``max_bytes``."""

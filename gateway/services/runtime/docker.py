@@ -1,13 +1,14 @@
-"""DockerRuntime: the runtime interface over the docker SDK; every SDK call runs in a thread."""
+"""DockerRuntime: the runtime interface over the docker SDK; every SDK call runs on the runtime's
+own thread pool (``CCGATE_DOCKER_THREADS``), never on the loop or asyncio's shared executor."""
 
 from __future__ import annotations
 
 import asyncio
-import io
+import hashlib
 import logging
 import tarfile
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import IO, Any, TypeVar, cast
 
 import docker
 from docker.errors import APIError, ContainerError, DockerException, ImageNotFound, NotFound
@@ -15,6 +16,7 @@ from docker.types import LogConfig
 from requests.exceptions import RequestException
 
 from gateway.errors import ContainerStartFailed, DependencyUnavailable
+from gateway.executors import BlockingPool
 from gateway.services.runtime.base import (
     LABEL_DEPLOYMENT,
     LABEL_HELPER,
@@ -24,6 +26,7 @@ from gateway.services.runtime.base import (
     ContainerRuntime,
     ContainerSpec,
     ContainerState,
+    FileSink,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,7 +58,14 @@ class DockerRuntime(ContainerRuntime):
     several deployments (or test gateways) can share one engine without touching each other.
     """
 
-    def __init__(self, base_url: str | None = None, *, deployment: str = "default") -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        deployment: str = "default",
+        pool: BlockingPool | None = None,
+    ) -> None:
+        self.pool = pool or BlockingPool("docker", 16)
         self._base_url = base_url
         self._deployment = deployment
         self._own = {LABEL_MANAGED: "true", LABEL_DEPLOYMENT: deployment}
@@ -71,7 +81,7 @@ class DockerRuntime(ContainerRuntime):
 
     async def _call(self, fn: Callable[[], T]) -> T:
         try:
-            return await asyncio.to_thread(fn)
+            return await self.pool.run(fn)
         except (APIError, NotFound, ContainerError):
             raise
         except (DockerException, *_UNREACHABLE) as exc:
@@ -80,7 +90,8 @@ class DockerRuntime(ContainerRuntime):
     async def close(self) -> None:
         """Close the SDK's HTTP connection pool."""
         if self._client is not None:
-            await asyncio.to_thread(self._client.close)
+            await self.pool.run(self._client.close)
+        self.pool.shutdown()
 
     async def ping(self) -> None:
         """Raise DependencyUnavailable unless the engine answers."""
@@ -270,28 +281,74 @@ class DockerRuntime(ContainerRuntime):
         )
         return {v.name: dict(v.attrs.get("Labels") or {}) for v in volumes}
 
-    async def read_file(self, container_id: str, path: str, *, max_bytes: int) -> bytes:
-        """Read one regular file through the archive API (works on stopped containers too)."""
+    async def export_file(
+        self, container_id: str, path: str, *, max_bytes: int, sink: FileSink
+    ) -> tuple[int, str]:
+        """Stream one regular file out through the archive API into ``sink`` (works on stopped
+        containers too); nothing is held whole in memory. Returns (size, sha256 hex)."""
 
-        def _read() -> bytes:
+        def _export() -> tuple[int, str]:
             try:
-                stream, stat = self._docker().containers.get(container_id).get_archive(path)
+                chunks, stat = (
+                    self._docker()
+                    .containers.get(container_id)
+                    .get_archive(path, chunk_size=256 * 1024)
+                )
             except NotFound as exc:
                 raise FileNotFoundError(path) from exc
             if stat.get("size", 0) > max_bytes:
                 raise ValueError(f"{path} is {stat['size']} bytes (limit {max_bytes})")
-            buf = io.BytesIO()
-            for chunk in stream:
-                buf.write(chunk)
-                if buf.tell() > max_bytes + 1024 * 1024:
-                    raise ValueError(f"{path} exceeds {max_bytes} bytes")
-            buf.seek(0)
-            with tarfile.open(fileobj=buf) as tar:
-                member = next((m for m in tar.getmembers() if m.isfile()), None)
-                if member is None:
-                    raise FileNotFoundError(path)
+            with tarfile.open(fileobj=cast(IO[bytes], _ChunkReader(chunks)), mode="r|") as tar:
+                member = tar.next()
+                if member is None or not member.isfile():
+                    raise FileNotFoundError(f"{path} is not a regular file")
+                if member.size > max_bytes:
+                    raise ValueError(f"{path} is {member.size} bytes (limit {max_bytes})")
                 extracted = tar.extractfile(member)
                 assert extracted is not None
-                return extracted.read()
+                reader = _HashingReader(extracted)
+                sink(cast(IO[bytes], reader), member.size)
+                reader.drain()
+                return reader.count, reader.sha256.hexdigest()
 
-        return await self._call(_read)
+        return await self._call(_export)
+
+
+class _ChunkReader:
+    """A read-only file object over the SDK's chunk iterator (for tarfile's stream mode)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = b""
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buffer) < size:
+            try:
+                self._buffer += next(self._chunks)
+            except StopIteration:
+                break
+        if size < 0:
+            out, self._buffer = self._buffer, b""
+        else:
+            out, self._buffer = self._buffer[:size], self._buffer[size:]
+        return out
+
+
+class _HashingReader:
+    """Counts and hashes what passes through (the sink's reads)."""
+
+    def __init__(self, inner: IO[bytes]) -> None:
+        self._inner = inner
+        self.sha256 = hashlib.sha256()
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        self.sha256.update(data)
+        self.count += len(data)
+        return data
+
+    def drain(self) -> None:
+        """Read whatever the sink left unread, so size and hash cover the whole file."""
+        while self.read(256 * 1024):
+            pass

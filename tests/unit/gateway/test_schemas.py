@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from gateway.schemas import ChatRequest, SessionConfig, SessionCreate, WorkspaceSpec
+from gateway.schemas import (
+    ChatRequest,
+    SessionConfig,
+    SessionCreate,
+    SpawnRequest,
+    WorkspaceSpec,
+)
 
 
 def test_a_persistent_workspace_needs_an_id_and_an_ephemeral_one_takes_none() -> None:
@@ -51,3 +57,10 @@ def test_spawn_requests_take_inherit_clone_or_ephemeral_and_a_real_callback_url(
         SpawnRequest.model_validate({"prompt": "p", "callback": "not a url"})
     with pytest.raises(ValidationError, match="non-whitespace"):
         SpawnRequest(prompt=" ")
+
+
+def test_a_callback_longer_than_its_column_is_refused_on_every_database() -> None:
+    with pytest.raises(ValidationError, match="at most 2000"):
+        SpawnRequest.model_validate(
+            {"prompt": "hi", "callback": "https://example.test/" + "a" * 2050}
+        )

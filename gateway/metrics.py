@@ -1,0 +1,122 @@
+"""Prometheus metrics of one gateway process (``GET /metrics``).
+
+Counters and histograms are updated where things happen; gauges that describe current state
+(ledger lag, hub subscriptions, pool use, executor queues, sessions by status) are read at
+scrape time through callbacks registered by the lifespan, so they are never stale.
+Each app has its own registry (several gateways may share a process in tests).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+logger = logging.getLogger(__name__)
+
+GaugeReading = Callable[[], Iterable[tuple[dict[str, str], float]]]
+"""Returns (labels, value) pairs of one gauge, read at scrape time."""
+
+
+class _Gauges(Collector):
+    def __init__(self) -> None:
+        self.readings: dict[str, tuple[str, list[str], GaugeReading]] = {}
+        self.cached: dict[str, list[tuple[dict[str, str], float]]] = {}
+
+    def collect(self) -> Iterable[Metric]:
+        for name, (doc, labels, read) in self.readings.items():
+            family = GaugeMetricFamily(name, doc, labels=labels)
+            try:
+                values = list(read())
+            except Exception:
+                logger.exception("metrics: reading %s failed", name)
+                continue
+            for label_values, value in values:
+                family.add_metric([label_values[k] for k in labels], value)
+            yield family
+
+
+class Metrics:
+    """The registry and every metric the gateway exports (names start with ``ccgate_``)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.events_persisted = Counter(
+            "ccgate_ledger_events_persisted", "Events written to the database", registry=r
+        )
+        self.dead_letters = Counter(
+            "ccgate_ledger_dead_letters",
+            "Stream entries the ledger gave up on (kept in the deadletter table)",
+            ["reason"],
+            registry=r,
+        )
+        self.ledger_batch_seconds = Histogram(
+            "ccgate_ledger_batch_seconds", "Time to persist one batch of events", registry=r
+        )
+        self.artifact_seconds = Histogram(
+            "ccgate_artifact_collect_seconds",
+            "Time to collect one turn's artifacts into the store",
+            registry=r,
+        )
+        self.artifact_bytes = Counter(
+            "ccgate_artifact_bytes", "Bytes copied into the artifact store", registry=r
+        )
+        self.slow_consumers = Counter(
+            "ccgate_hub_slow_consumer_cutoffs",
+            "Clients disconnected because they fell a whole buffer behind",
+            registry=r,
+        )
+        self.turns = Counter(
+            "ccgate_turns", "Turns finished, by final status", ["outcome"], registry=r
+        )
+        self.container_start_seconds = Histogram(
+            "ccgate_container_start_seconds",
+            "POST /sessions: from the request to the container started",
+            buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
+            registry=r,
+        )
+        self.tokens = Counter(
+            "ccgate_tokens", "Model tokens reported in turn results", ["kind"], registry=r
+        )
+        self.cost_usd = Counter(
+            "ccgate_cost_usd", "Cost in USD reported in turn results", registry=r
+        )
+        self.task_failures = Counter(
+            "ccgate_task_failures", "Crashes of supervised background tasks", ["task"], registry=r
+        )
+        self.errors = Counter(
+            "ccgate_internal_errors", "Requests that ended in a 500 (bugs)", registry=r
+        )
+        self._gauges = _Gauges()
+        r.register(self._gauges)
+        self.async_readings: dict[str, tuple[str, list[str], AsyncReading]] = {}
+
+    def gauge(self, name: str, doc: str, labels: list[str], read: GaugeReading) -> None:
+        """Register a gauge read at scrape time."""
+        self._gauges.readings[name] = (doc, labels, read)
+
+    def async_gauge(self, name: str, doc: str, labels: list[str], read: AsyncReading) -> None:
+        """Register a gauge whose reading needs I/O (e.g. a database count); the /metrics
+        route awaits it before rendering."""
+        self.async_readings[name] = (doc, labels, read)
+
+    async def refresh_async(self) -> None:
+        """Await the I/O-bound readings and publish their values for the next collect."""
+        for name, (doc, labels, read) in self.async_readings.items():
+            try:
+                values = await read()
+            except Exception as exc:
+                logger.warning("metrics: reading %s failed: %s", name, exc)
+                continue
+            self._gauges.readings[name] = (doc, labels, _constant(values))
+
+
+AsyncReading = Callable[[], Awaitable[list[tuple[dict[str, str], float]]]]
+
+
+def _constant(values: list[tuple[dict[str, str], float]]) -> GaugeReading:
+    return lambda: values

@@ -1,0 +1,20 @@
+"""The ledger: persists every session event and applies lifecycle events to the database.
+
+Cut along its seams: ``reader`` (the consumer-group loop, acks, trimming, dead letters),
+``persister`` (batched inserts), ``lifecycle`` (the rules per wrapper event) and ``collector``
+(artifacts copied after the commit, then ``turn_recorded``).
+"""
+
+from gateway.services.ledger.collector import ArtifactCollector, Job
+from gateway.services.ledger.lifecycle import add_usage, apply_lifecycle, turn_status_of
+from gateway.services.ledger.reader import Ledger, claimed_ids
+
+__all__ = [
+    "ArtifactCollector",
+    "Job",
+    "Ledger",
+    "add_usage",
+    "apply_lifecycle",
+    "claimed_ids",
+    "turn_status_of",
+]

@@ -1,0 +1,208 @@
+"""The lifecycle applier: what a wrapper event changes in the database.
+
+Each event is applied in its own short transaction, taken under the tree's row lock (tree.py:
+lock order). Every rule is idempotent and order-tolerant, because an entry can be re-read after a
+failure and entries of one session can be applied by different replicas:
+
+    ready           starting -> idle; records the CLI session id
+    turn_started    turn queued -> running (never back from a final status); session -> running
+    turn_completed  turn result, usage and cost recorded at once (only while not yet final);
+                    the changed files are left in ``Turn.pending_files`` for the collector, and a
+                    turn without files is recorded (``recorded_at``) in the same commit
+    error           kept as the session's last error
+    exited          session -> stopped (asked) or failed (crashed); open turns cancelled; the
+                    container is released by the collector once the turn's files are copied
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from gateway.db.models import Session, SessionStatus, Turn, TurnStatus, utcnow
+from gateway.services.tree import add_spend, cancel_open_turns, end_session, lock_tree
+from wrapper.protocol import EventType
+
+_USAGE_KEYS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
+
+
+def turn_status_of(data: dict[str, Any]) -> TurnStatus:
+    """Final turn status from a turn_completed event (interrupts are recognised by
+    ``terminal_reason``, not ``is_error``, which differs between CLI versions)."""
+    reason = str(data.get("terminal_reason") or "")
+    if reason.startswith("aborted") or reason in ("stopped", "turn_timeout"):
+        return TurnStatus.INTERRUPTED
+    if data.get("is_error"):
+        return TurnStatus.FAILED
+    return TurnStatus.COMPLETED
+
+
+def add_usage(total: dict[str, Any], usage: dict[str, Any] | None) -> dict[str, Any]:
+    """Sum the token counters of one turn's ``usage`` into a session total."""
+    out = dict(total)
+    for key in _USAGE_KEYS:
+        value = (usage or {}).get(key)
+        if isinstance(value, int):
+            out[key] = int(out.get(key, 0)) + value
+    return out
+
+
+@dataclass
+class Applied:
+    """What the caller does after the commit."""
+
+    tell_parent: tuple[EventType, dict[str, Any]] | None = None
+    collect_turn: str | None = None
+    """A turn whose files the collector copies (then announces ``turn_recorded``)."""
+    recorded_turn: str | None = None
+    """A turn recorded in this very commit (no files): announce ``turn_recorded`` now."""
+    release_container: str | None = None
+    """The session ended: the collector removes this container after its turns' files."""
+    finished: Turn | None = None
+    ended: SessionStatus | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+async def apply_lifecycle(
+    db: AsyncSession, sid: str, kind: str, turn_id: str | None, data: dict[str, Any]
+) -> Applied:
+    """Apply one wrapper event of session ``sid`` in the current transaction (the caller
+    commits). Returns what to do after the commit; nothing when the session is gone."""
+    applied = Applied()
+    session = await db.get(Session, sid)
+    if session is None:
+        return applied
+    await lock_tree(db, session.root_id)
+    await db.refresh(session)
+    if kind == EventType.READY:
+        session.cli_session_id = data.get("cli_session_id")
+        if session.status is SessionStatus.STARTING:
+            session.status = SessionStatus.IDLE
+    elif kind == EventType.TURN_STARTED and turn_id:
+        turn = await db.get(Turn, turn_id)
+        if turn is not None and turn.session_id == sid and turn.status is TurnStatus.QUEUED:
+            turn.status = TurnStatus.RUNNING
+            turn.started_at = utcnow()
+            db.add(turn)
+            if session.status.live:
+                session.status = SessionStatus.RUNNING
+    elif kind == EventType.TURN_COMPLETED and turn_id:
+        turn = await _complete_turn(db, session, turn_id, data)
+        if turn is not None:
+            applied.finished = turn
+            if turn.pending_files:
+                applied.collect_turn = turn.id
+            else:
+                applied.recorded_turn = turn.id
+            event = EventType.CHILD_FAILED if turn.is_error else EventType.CHILD_RESULT
+            applied.tell_parent = (
+                event,
+                {
+                    "child_session_id": session.id,
+                    "message_id": turn.id,
+                    "status": turn.status.value,
+                    "subtype": turn.subtype,
+                    "is_error": turn.is_error,
+                    "result": turn.result,
+                    "total_cost_usd": turn.total_cost_usd,
+                },
+            )
+    elif kind == EventType.ERROR:
+        session.error = str(data.get("message") or data.get("code"))[:4000]
+    elif kind == EventType.EXITED:
+        if session.container_id:
+            applied.release_container = session.container_id
+        ended = await _on_exited(db, session, data)
+        if ended is not None:
+            applied.ended = ended
+            event = (
+                EventType.CHILD_STOPPED
+                if ended is SessionStatus.STOPPED
+                else EventType.CHILD_FAILED
+            )
+            applied.tell_parent = (
+                event,
+                {
+                    "child_session_id": session.id,
+                    "status": ended.value,
+                    "error": session.error,
+                },
+            )
+    session.last_activity = utcnow()
+    db.add(session)
+    return applied
+
+
+async def _complete_turn(
+    db: AsyncSession, session: Session, turn_id: str, data: dict[str, Any]
+) -> Turn | None:
+    turn = await db.get(Turn, turn_id)
+    if turn is None or turn.session_id != session.id or turn.status.final:
+        return None
+    total = data.get("total_cost_usd")
+    now = utcnow()
+    turn.status = turn_status_of(data)
+    turn.subtype = _short(data.get("subtype"))
+    turn.is_error = bool(data.get("is_error"))
+    result = data.get("result")
+    turn.result = result if isinstance(result, str) else None
+    errors = [str(e) for e in data.get("errors") or []]
+    turn.errors = errors or None
+    turn.terminal_reason = _short(data.get("terminal_reason"))
+    turn.usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
+    turn.num_turns = _int(data.get("num_turns"))
+    turn.duration_ms = _int(data.get("duration_ms"))
+    turn.completed_at = now
+    files = [f for f in data.get("files") or [] if isinstance(f, dict)]
+    turn.pending_files = files or None
+    turn.recorded_at = None if files else now
+    if isinstance(total, int | float) and not isinstance(total, bool):
+        previous = session.total_cost_usd
+        turn.total_cost_usd = float(total)
+        turn.cost_usd = float(total) - previous if total >= previous else float(total)
+        session.total_cost_usd = float(total)
+        await add_spend(db, root_id=session.root_id, delta_usd=turn.cost_usd)
+    db.add(turn)
+    session.total_turns += 1
+    session.usage = add_usage(session.usage, turn.usage)
+    if isinstance(data.get("cli_session_id"), str):
+        session.cli_session_id = data["cli_session_id"][:64]
+    if session.status is SessionStatus.RUNNING:
+        session.status = SessionStatus.IDLE
+    return turn
+
+
+async def _on_exited(
+    db: AsyncSession, session: Session, data: dict[str, Any]
+) -> SessionStatus | None:
+    """End the session (stopped or failed); None when it had already ended."""
+    if not session.status.live:
+        return None
+    if data.get("reason") == "stopped":
+        status, error = SessionStatus.STOPPED, None
+    else:
+        status = SessionStatus.FAILED
+        error = session.error or f"the session container exited ({data.get('reason')})"
+    ended = await end_session(db, session, status, error)
+    await cancel_open_turns(
+        db,
+        session.id,
+        running=TurnStatus.INTERRUPTED if status is SessionStatus.STOPPED else TurnStatus.FAILED,
+        reason="stopped" if status is SessionStatus.STOPPED else "exited",
+    )
+    return status if ended else None
+
+
+def _short(value: Any, limit: int = 64) -> str | None:
+    return str(value)[:limit] if value is not None else None
+
+
+def _int(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
