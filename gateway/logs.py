@@ -28,7 +28,8 @@ class RequestIdFilter(logging.Filter):
     """Adds ``record.request_id`` from the context."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id.get()
+        if not hasattr(record, "request_id"):  # an explicit extra={"request_id"} wins
+            record.request_id = request_id.get()
         return True
 
 
@@ -73,6 +74,8 @@ class RequestIdMiddleware:
         given = dict(scope.get("headers") or []).get(_HEADER, b"").decode("latin-1")
         rid = given[:64] if given and given.isprintable() else uuid.uuid4().hex[:16]
         token = request_id.set(rid)
+        # Also on the scope: the 500 handler runs outside this middleware, after the reset.
+        scope.setdefault("state", {})["request_id"] = rid
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -227,22 +227,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def _internal(request: Request, exc: BaseException) -> JSONResponse:
         error_id = uuid.uuid4().hex[:12]
+        rid = str(getattr(request.state, "request_id", None) or request_id.get())
         logger.error(
-            "internal error %s on %s %s (request %s)",
+            "internal error %s on %s %s",
             error_id,
             request.method,
             request.url.path,
-            request_id.get(),
             exc_info=exc,
+            extra={"request_id": rid, "error_id": error_id},
         )
         state_metrics = getattr(request.app.state, "metrics", None)
         if state_metrics is not None:
             state_metrics.errors.inc()
-        return _error(
+        response = _error(
             500,
             f"internal error {error_id}: this is a bug in ccgate; the log has the details",
             "internal_error",
             error_id=error_id,
         )
+        response.headers["X-Request-ID"] = rid
+        return response
 
     return app
