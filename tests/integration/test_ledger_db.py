@@ -341,3 +341,26 @@ async def test_a_burst_past_the_stream_cap_reaches_the_history_complete(
 
 async def _stream_shorter(client: aioredis.Redis, sid: str, limit: int) -> bool:
     return int(await client.xlen(events_key(sid))) < limit
+
+
+async def test_a_stream_deleted_under_the_ledger_does_not_crash_it(
+    engine: AsyncEngine, redis_server: RedisServer, make_ledger: LedgerFactory
+) -> None:
+    """A session being deleted: its keys go first, its row a moment later."""
+    db_factory = make_db_factory(engine)
+    client = aioredis.Redis.from_url(redis_server.url)
+    sid = await _session(db_factory)
+    await ensure_ledger_group(client, sid)
+    publisher = EventPublisher(client, sid)
+    await publisher.start()
+    for n in range(5):
+        publisher.emit("assistant", json.dumps({"n": n}), source=EventSource.CLI, turn_id=None)
+    await publisher.flush(5)
+    ledger = await make_ledger(sid)
+    await _wait_for(lambda: _equal(_event_count(db_factory, sid), 5))
+    await publisher.close(1)
+    await client.delete(events_key(sid))
+    await asyncio.sleep(4.5)  # two refresh passes (trim, claim, read) over the missing stream
+    state = ledger._supervisor.states["ledger"]
+    assert state.restarts == 0, state.last_error
+    await client.aclose()

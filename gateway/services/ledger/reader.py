@@ -439,7 +439,13 @@ class Ledger:
         """Trim the stream below the persisted watermark, keeping ``stream_maxlen`` entries
         up to it: an entry still pending (on any replica) is never trimmed."""
         stream = events_key(sid)
-        summary = await self._redis.xpending(stream, LEDGER_GROUP)
+        try:
+            summary = await self._redis.xpending(stream, LEDGER_GROUP)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self._acked.pop(sid, None)  # the stream is gone (session deleted)
+            return
         watermark = acked_seq
         if summary and int(summary.get("pending") or 0) > 0 and summary.get("min"):
             watermark = min(watermark, _seq_of_id(_text(summary["min"])) - 1)
