@@ -353,13 +353,14 @@ async def test_a_stream_deleted_under_the_ledger_does_not_crash_it(
     await ensure_ledger_group(client, sid)
     publisher = EventPublisher(client, sid)
     await publisher.start()
-    for n in range(5):
-        publisher.emit("assistant", json.dumps({"n": n}), source=EventSource.CLI, turn_id=None)
-    await publisher.flush(5)
     ledger = await make_ledger(sid)
-    await _wait_for(lambda: _equal(_event_count(db_factory, sid), 5))
+    for batch in (1, 2):  # the second batch lands within a second of the first trim pass
+        for n in range(5):
+            publisher.emit("assistant", json.dumps({"n": n}), source=EventSource.CLI, turn_id=None)
+        await publisher.flush(5)
+        await _wait_for(lambda b=batch: _equal(_event_count(db_factory, sid), 5 * b))
     await publisher.close(1)
-    await client.delete(events_key(sid))
+    await client.delete(events_key(sid))  # before the idle trim of the second batch
     await asyncio.sleep(4.5)  # two refresh passes (trim, claim, read) over the missing stream
     state = ledger._supervisor.states["ledger"]
     assert state.restarts == 0, state.last_error
