@@ -56,7 +56,7 @@ def token(user: str, ttl_s: int | None) -> None:
 @click.option("--port", default=18765, type=int)
 def scripted_model(host: str, port: int) -> None:
     """Run the scripted Messages-API server (offline demos and tests)."""
-    from gateway.scripted_model import serve as serve_model
+    from scripted_model import serve as serve_model
 
     serve_model(host, port)
 

@@ -11,14 +11,10 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.auth import InvalidToken, Principal, decode_token
 from gateway.db.models import Session
-from gateway.errors import DependencyUnavailable, Forbidden
+from gateway.errors import DependencyUnavailable, Forbidden, Unauthorized
 from gateway.services.sessions import SessionService
 
 _bearer = HTTPBearer(auto_error=False)
-
-
-class Unauthorized(Exception):
-    """No valid bearer token (mapped to 401 with ``WWW-Authenticate: Bearer``)."""
 
 
 async def get_db(request: Request) -> AsyncIterator[AsyncSession]:

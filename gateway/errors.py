@@ -2,7 +2,8 @@
 
 ::
 
-    GatewayError                      500
+    GatewayError                      500  a bug (answered with an error id; the log has it)
+    ├── Unauthorized                  401  no valid bearer token (WWW-Authenticate: Bearer)
     ├── Forbidden                     403  a session token asked for something outside its scope
     ├── NotFound                      404  unknown session, or one owned by someone else
     ├── Conflict                      409  e.g. chat on a stopped session
@@ -11,6 +12,11 @@
     ├── TurnTimeout                   504  a stream=false chat waited longer than its timeout
     └── DependencyUnavailable         503  database, redis, storage or docker is down
         └── ContainerStartFailed      503  docker answered but the session container did not start
+
+Foreign exceptions are translated at the boundary: SQLAlchemy and Redis outages become 503s
+naming the dependency (``gateway.db.errors.is_outage``); anything else is a bug (500).
+Internal signals that never reach a client live beside their code (``SlowConsumer`` in
+services/events.py, ``StartupFailed`` in the wrapper).
 """
 
 from __future__ import annotations
@@ -27,6 +33,13 @@ class GatewayError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class Unauthorized(GatewayError):
+    """No valid bearer token."""
+
+    status_code = 401
+    code = "unauthorized"
 
 
 class Forbidden(GatewayError):
@@ -48,6 +61,12 @@ class Conflict(GatewayError):
 
     status_code = 409
     code = "conflict"
+
+
+class SpawnRefused(Conflict):
+    """A spawn limit would be exceeded; the message names the limit and its value."""
+
+    code = "spawn_refused"
 
 
 class InvalidRequest(GatewayError):

@@ -31,8 +31,7 @@ from gateway.config import Settings
 from gateway.db.engine import make_db_factory, make_engine
 from gateway.db.errors import is_outage
 from gateway.db.migrate import migrate
-from gateway.deps import Unauthorized
-from gateway.errors import DependencyUnavailable, GatewayError
+from gateway.errors import DependencyUnavailable, GatewayError, Unauthorized
 from gateway.executors import BlockingPool
 from gateway.logs import RequestIdMiddleware, request_id
 from gateway.metrics import Metrics
@@ -200,12 +199,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
         if exc.status_code >= 500 and not isinstance(exc, DependencyUnavailable):
             return _internal(request, exc)
-        return _error(exc.status_code, exc.message, exc.code)
-
-    @app.exception_handler(Unauthorized)
-    async def _unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
-        response = _error(401, str(exc), "unauthorized")
-        response.headers["WWW-Authenticate"] = "Bearer"
+        response = _error(exc.status_code, exc.message, exc.code)
+        if isinstance(exc, Unauthorized):
+            response.headers["WWW-Authenticate"] = "Bearer"
         return response
 
     @app.exception_handler(SQLAlchemyError)

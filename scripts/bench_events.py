@@ -33,7 +33,7 @@ from websockets.asyncio.client import connect
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.auth import mint_token
-from gateway.scripted_model import ScriptedModelServer
+from scripted_model import ScriptedModelServer
 from tests.servers import GatewayProcess, PostgresServer, RedisServer
 from wrapper.protocol import EventSource, live_channel
 from wrapper.publisher import EventPublisher

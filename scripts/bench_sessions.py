@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.auth import mint_token
 from gateway.config import Settings
-from gateway.scripted_model import ScriptedModelServer
+from scripted_model import ScriptedModelServer
 from tests.servers import GatewayServer, PostgresServer, RedisServer
 
 IMAGE = "ccgate-session:latest"

@@ -14,7 +14,7 @@ import pytest
 
 from gateway.auth import mint_token
 from gateway.config import Settings
-from gateway.scripted_model import ScriptedModelServer
+from scripted_model import ScriptedModelServer
 from tests.servers import GatewayServer, PostgresServer, RedisServer, S3Server
 
 IMAGE = "ccgate-session:latest"

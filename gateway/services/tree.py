@@ -24,15 +24,21 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.db.models import Session, SessionStatus, SpawnTree, Turn, TurnStatus, utcnow
-from gateway.errors import Conflict
+from gateway.errors import SpawnRefused
+
+__all__ = [
+    "LIVE",
+    "SpawnLimits",
+    "SpawnRefused",
+    "add_spend",
+    "admit_child",
+    "cancel_open_turns",
+    "end_session",
+    "lock_tree",
+    "release_admission",
+]
 
 LIVE = [SessionStatus.STARTING, SessionStatus.IDLE, SessionStatus.RUNNING]
-
-
-class SpawnRefused(Conflict):
-    """A spawn limit would be exceeded; the message names the limit and its value."""
-
-    code = "spawn_refused"
 
 
 @dataclass(frozen=True)

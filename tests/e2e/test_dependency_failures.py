@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from gateway.auth import mint_token
-from gateway.scripted_model import ScriptedModelServer
+from scripted_model import ScriptedModelServer
 from tests.conftest import make_settings
 from tests.servers import GatewayServer, PostgresServer, RedisServer
 

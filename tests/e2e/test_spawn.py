@@ -18,7 +18,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway.auth import decode_token, mint_token
-from gateway.scripted_model import ScriptedModelServer
+from scripted_model import ScriptedModelServer
 from tests.conftest import Api, full_stack_settings
 from tests.e2e.helpers import collect_until, turn_done
 from tests.servers import GatewayServer, PostgresServer, RedisServer, S3Server

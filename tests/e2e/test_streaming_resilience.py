@@ -18,7 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway.auth import mint_token
-from gateway.scripted_model import ScriptedModelServer
+from scripted_model import ScriptedModelServer
 from tests.conftest import IMAGE, JWT_SECRET, make_settings
 from tests.e2e.helpers import StalledWebSocket
 from tests.servers import GatewayProcess, GatewayServer, PostgresServer, RedisServer

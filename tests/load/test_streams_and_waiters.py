@@ -22,7 +22,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from gateway.auth import mint_token
-from gateway.scripted_model import ScriptedModelServer
+from scripted_model import ScriptedModelServer
 from tests.conftest import IMAGE, JWT_SECRET
 from tests.servers import GatewayProcess, PostgresServer, RedisServer
 

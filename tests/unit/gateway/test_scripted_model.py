@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.scripted_model import BRACES_TEXT, script_reply
+from scripted_model import BRACES_TEXT, script_reply
 
 TOOLS = [{"name": "Write"}]
 

@@ -1,0 +1,172 @@
+"""Creation: one all-or-nothing path for roots, ``POST /sessions`` with a parent, and spawns.
+
+The row (with the tree's limits reserved in the same transaction), the Redis spec, token
+and ACL user, the volumes and the container are made in that order and, if any step fails,
+everything made so far is removed before the error (503 naming the dependency, or 409 naming the
+spawn limit) reaches the client."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from gateway.auth import Principal
+from gateway.db.models import (
+    Session,
+    SpawnTree,
+)
+from gateway.errors import (
+    Conflict,
+    Forbidden,
+)
+from gateway.schemas import SessionConfig, SessionCreate, SpawnRequest
+from gateway.services import tree
+from gateway.services.provision import Provisioning, workspace_volume_name
+from gateway.services.turns import TurnOps
+from wrapper.protocol import EventType, SessionSpec
+
+
+@dataclass(frozen=True)
+class _NewSession:
+    """What differs between a root, a child made through POST /sessions, and a spawn."""
+
+    owner: str
+    parent: Session | None
+    workspace_type: str  # ephemeral | persistent | inherit | clone
+    workspace_id: str | None
+    config: SessionConfig
+    prompt: str | None = None
+    callback_url: str | None = None
+
+
+class Creation(Provisioning, TurnOps):
+    """Roots, children through POST /sessions, and spawns: one path, all-or-nothing."""
+
+    async def create_session(
+        self, *, db: AsyncSession, principal: Principal, body: SessionCreate
+    ) -> Session:
+        """``POST /sessions``: a root, or (with ``parent_session_id``) a child under limits."""
+        parent = None
+        if body.parent_session_id is not None:
+            parent = await self.authorize(
+                db=db, principal=principal, session_id=body.parent_session_id, allow_self=True
+            )
+        elif principal.session_scope is not None:
+            raise Forbidden("a session token can only create children of its own session")
+        config = body.config
+        if parent is not None:
+            config = _inherit(parent, body.config)
+        return await self._create(
+            db,
+            _NewSession(
+                owner=parent.owner if parent else principal.user,
+                parent=parent,
+                workspace_type=body.workspace.type.value,
+                workspace_id=body.workspace.id,
+                config=config,
+            ),
+        )
+
+    async def spawn(self, *, db: AsyncSession, parent: Session, body: SpawnRequest) -> Session:
+        """``POST /sessions/{id}/spawn``: a child that runs ``body.prompt`` exactly once."""
+        return await self._create(
+            db,
+            _NewSession(
+                owner=parent.owner,
+                parent=parent,
+                workspace_type=body.workspace.type.value,
+                workspace_id=None,
+                config=_inherit(parent, body.config),
+                prompt=body.prompt,
+                callback_url=str(body.callback) if body.callback else None,
+            ),
+        )
+
+    def _limits(self) -> tree.SpawnLimits:
+        s = self.settings
+        return tree.SpawnLimits(
+            max_depth=s.max_spawn_depth,
+            max_children=s.max_children_per_session,
+            max_live=s.max_live_sessions_per_tree,
+            max_sessions=s.max_sessions_per_tree,
+        )
+
+    async def _create(self, db: AsyncSession, new: _NewSession) -> Session:
+        parent = new.parent
+        if parent is not None and not parent.status.live:
+            raise Conflict(f"parent session {parent.id} is {parent.status.value}")
+        sid = str(uuid.uuid4())
+        cfg = new.config
+        if new.workspace_type == "inherit" and parent is not None:
+            volume = parent.workspace_volume
+        else:
+            volume = workspace_volume_name(new.owner, new.workspace_type, new.workspace_id, sid)
+        session = Session(
+            id=sid,
+            owner=new.owner,
+            workspace_type=new.workspace_type,
+            workspace_id=new.workspace_id,
+            workspace_volume=volume,
+            parent_session_id=parent.id if parent else None,
+            root_id=parent.root_id if parent else sid,
+            depth=parent.depth + 1 if parent else 0,
+            callback_url=new.callback_url,
+        )
+        if parent is not None:
+            budget = await tree.admit_child(db, parent=parent, limits=self._limits())
+        else:
+            budget = cfg.max_budget_usd or self.settings.tree_budget_usd
+            db.add(SpawnTree(root_id=sid, owner=new.owner, budget_usd=budget))
+        spec = SessionSpec(
+            session_id=sid,
+            model=cfg.model or self.settings.default_model,
+            system_prompt=cfg.system_prompt,
+            append_system_prompt=cfg.append_system_prompt,
+            allowed_tools=cfg.allowed_tools,
+            disallowed_tools=cfg.disallowed_tools,
+            permission_mode=(
+                cfg.permission_mode.value
+                if cfg.permission_mode
+                else self.settings.default_permission_mode
+            ),
+            max_turns=cfg.max_turns,
+            max_budget_usd=budget,
+            timeout_seconds=cfg.timeout_seconds,
+            mcp_servers=cfg.mcp_servers,
+            include_partial_messages=cfg.include_partial_messages,
+            gateway_url=self.settings.gateway_url_for_containers(),
+        )
+        session.config = cfg.model_dump(mode="json") | {
+            "model": spec.model,
+            "permission_mode": spec.permission_mode,
+            "max_budget_usd": budget,
+        }
+        db.add(session)
+        await db.commit()
+        started = time.monotonic()
+        try:
+            await self._provision(db, session, spec, cfg.env, parent)
+            self.metrics.container_start_seconds.observe(time.monotonic() - started)
+            self.ledger.track(sid)
+            if new.prompt is not None:
+                await self.chat(db=db, session=session, prompt=new.prompt, timeout_s=None)
+        except BaseException:
+            await self._undo_create(db, session)
+            raise
+        if parent is not None:
+            await self._notify(
+                parent.id,
+                EventType.CHILD_SPAWNED,
+                {"child_session_id": sid, "depth": session.depth, "prompt": new.prompt},
+            )
+        return session
+
+
+def _inherit(parent: Session, given: SessionConfig) -> SessionConfig:
+    """A child's config: the parent's, overridden by the fields the request set."""
+    base = {k: v for k, v in parent.config.items() if k in SessionConfig.model_fields}
+    base.pop("max_budget_usd", None)  # a child runs with the tree's remaining budget
+    return SessionConfig.model_validate(base | given.model_dump(exclude_unset=True))

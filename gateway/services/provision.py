@@ -1,0 +1,151 @@
+"""Provisioning: the Redis spec, token and ACL user, the volumes and the container of a session,
+and their removal (all-or-nothing on create)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+
+from sqlmodel import col, delete
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from gateway.auth import mint_token
+from gateway.db.models import (
+    Session,
+    SpawnTree,
+    Turn,
+)
+from gateway.errors import (
+    GatewayError,
+)
+from gateway.services import session_redis, tree
+from gateway.services.runtime import ContainerSpec, VolumeMount
+from gateway.services.runtime.base import LABEL_OWNER, LABEL_SESSION, LABEL_WORKSPACE
+from gateway.services.session_base import ServiceBase
+from wrapper.protocol import SessionSpec
+
+CONFIG_MOUNT = "/home/claude/.claude"
+WORKSPACE_MOUNT = "/workspace"
+# Workspace types whose volume belongs to someone else and survives this session.
+_SHARED_WORKSPACES = ("persistent", "inherit")
+
+
+def workspace_volume_name(owner: str, ws_type: str, ws_id: str | None, sid: str) -> str:
+    """Docker volume of a workspace; persistent ones are namespaced by a hash of the owner."""
+    if ws_type == "persistent" and ws_id:
+        owner_hash = hashlib.sha256(owner.encode()).hexdigest()[:16]
+        return f"ccgate-pws-{owner_hash}-{ws_id}"
+    return f"ccgate-ws-{sid}"
+
+
+def config_volume_name(sid: str) -> str:
+    """Per-session volume for the CLI's config and transcripts (never shared)."""
+    return f"ccgate-cfg-{sid}"
+
+
+class Provisioning(ServiceBase):
+    """Containers, volumes and Redis access of a session, made and unmade."""
+
+    async def _provision(
+        self,
+        db: AsyncSession,
+        session: Session,
+        spec: SessionSpec,
+        env: dict[str, str],
+        parent: Session | None,
+    ) -> None:
+        sid, owner = session.id, session.owner
+        ttl = self.settings.session_token_ttl_s
+        token = mint_token(key=self.jwt_key, user=owner, ttl_s=ttl, session_scope=sid)
+        username, password = await session_redis.provision(
+            self.redis,
+            spec,
+            acl_secret=self.jwt_key if self.settings.session_redis_acl else None,
+            token=token,
+            token_ttl_s=ttl,
+        )
+        await self.runtime.ensure_network(self.settings.docker_network)
+        labels = {LABEL_SESSION: sid, LABEL_OWNER: owner}
+        if session.workspace_type == "persistent":
+            ws_labels = {LABEL_OWNER: owner, LABEL_WORKSPACE: session.workspace_id or ""}
+            await self.runtime.create_volume(session.workspace_volume, ws_labels)
+        elif session.workspace_type != "inherit":
+            await self.runtime.create_volume(session.workspace_volume, labels)
+            if session.workspace_type == "clone" and parent is not None:
+                await self.runtime.copy_volume(
+                    parent.workspace_volume,
+                    session.workspace_volume,
+                    image=self.settings.image,
+                    labels=labels,
+                )
+        await self.runtime.create_volume(config_volume_name(sid), labels)
+        info = await self.runtime.start(
+            ContainerSpec(
+                name=f"ccgate-{sid}",
+                image=self.settings.image,
+                env=self._container_env(sid, env, username, password),
+                labels=labels,
+                mounts=[
+                    VolumeMount(session.workspace_volume, WORKSPACE_MOUNT),
+                    VolumeMount(config_volume_name(sid), CONFIG_MOUNT),
+                ],
+                network=self.settings.docker_network,
+                memory=self.settings.container_memory,
+                cpus=self.settings.container_cpus,
+                pids=self.settings.container_pids,
+                extra_hosts=self.settings.container_extra_hosts,
+            )
+        )
+        session.container_id = info.id
+        db.add(session)
+        await db.commit()
+
+    def _container_env(
+        self, sid: str, user_env: dict[str, str], username: str | None, password: str | None
+    ) -> dict[str, str]:
+        env = dict(user_env)
+        s = self.settings
+        if s.anthropic_base_url:
+            env["ANTHROPIC_BASE_URL"] = s.anthropic_base_url
+        if s.anthropic_api_key:
+            env["ANTHROPIC_API_KEY"] = s.anthropic_api_key.get_secret_value()
+        if s.anthropic_auth_token:
+            env["ANTHROPIC_AUTH_TOKEN"] = s.anthropic_auth_token.get_secret_value()
+        env.update(
+            CCGATE_SESSION_ID=sid,
+            CCGATE_REDIS_URL=s.container_redis_url(username, password),
+            # The wrapper's stop (interrupt 2 s + EOF wait + SIGTERM wait) fits in docker stop's.
+            CCGATE_STOP_GRACE_S=f"{max(0.5, (s.stop_timeout_s - 4) / 2):g}",
+            CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
+        )
+        return env
+
+    async def _undo_create(self, db: AsyncSession, session: Session) -> None:
+        """Best-effort removal of everything a failed create made, counters included."""
+        with contextlib.suppress(Exception):
+            await db.rollback()
+        await self._remove_resources(session, quiet=True)
+        with contextlib.suppress(Exception):
+            await session_redis.purge(self.redis, session.id)
+        with contextlib.suppress(Exception):
+            await db.exec(delete(Turn).where(col(Turn.session_id) == session.id))
+            if session.parent_session_id:
+                await tree.release_admission(db, session=session)
+            else:
+                await db.exec(delete(SpawnTree).where(col(SpawnTree.root_id) == session.id))
+            await db.exec(delete(Session).where(col(Session.id) == session.id))
+            await db.commit()
+
+    async def _remove_resources(self, session: Session, *, quiet: bool) -> None:
+        """Remove the container and the session's own volumes (never a shared workspace)."""
+        volumes = [config_volume_name(session.id)]
+        if session.workspace_type not in _SHARED_WORKSPACES:
+            volumes.append(session.workspace_volume)
+        steps = [self.runtime.remove(session.container_id or f"ccgate-{session.id}")]
+        steps += [self.runtime.remove_volume(v) for v in volumes]
+        for step in steps:
+            try:
+                await step
+            except GatewayError:
+                if not quiet:
+                    raise

@@ -1,0 +1,77 @@
+"""The clients behind every session operation, shared by the SessionService's parts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from gateway.auth import Principal
+from gateway.config import Settings
+from gateway.db.models import Session
+from gateway.errors import (
+    DependencyUnavailable,
+    NotFound,
+)
+from gateway.metrics import Metrics
+from gateway.services import family, session_redis
+from gateway.services.artifacts import ArtifactStore
+from gateway.services.events import EventHub
+from gateway.services.ledger import Ledger
+from gateway.services.runtime import ContainerRuntime
+from wrapper.protocol import EventType
+
+logger = logging.getLogger("gateway.services.sessions")
+
+
+@dataclass
+class ServiceBase:
+    """The clients every session operation uses (one instance per gateway process).
+
+    Methods that wait (``wait_for_turn``, ``stop``) open short-lived ``db`` handles of their
+    own from ``db_factory`` and hold no connection while they wait.
+    """
+
+    settings: Settings
+    redis: aioredis.Redis
+    runtime: ContainerRuntime
+    store: ArtifactStore
+    hub: EventHub
+    jwt_key: str
+    db_factory: async_sessionmaker[AsyncSession]
+    ledger: Ledger
+    metrics: Metrics
+
+    async def get_owned(self, *, db: AsyncSession, owner: str, session_id: str) -> Session:
+        """The session if it exists and belongs to ``owner``; raises NotFound otherwise."""
+        session = await db.get(Session, session_id)
+        if session is None or session.owner != owner:
+            raise NotFound(f"session {session_id} not found")
+        return session
+
+    async def authorize(
+        self, *, db: AsyncSession, principal: Principal, session_id: str, allow_self: bool
+    ) -> Session:
+        """The session if ``principal`` may touch it, else NotFound (no existence leak).
+
+        A user token reaches every session of its user. A session token reaches the strict
+        descendants of its session, and the session itself when ``allow_self`` (spawn,
+        children, tree).
+        """
+        session = await self.get_owned(db=db, owner=principal.user, session_id=session_id)
+        scope = principal.session_scope
+        if scope is None or (allow_self and session.id == scope):
+            return session
+        if await family.is_descendant(db, ancestor_id=scope, session=session):
+            return session
+        raise NotFound(f"session {session_id} not found")
+
+    async def _notify(self, parent_id: str, event: EventType, data: dict[str, Any]) -> None:
+        try:
+            await session_redis.notify(self.redis, parent_id, event, data)
+        except DependencyUnavailable as exc:
+            logger.warning("could not notify %s of %s: %s", parent_id, event, exc)

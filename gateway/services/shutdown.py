@@ -1,0 +1,109 @@
+"""Stop and delete: containers stopped for real after their last turn is recorded, subtrees
+cascaded (children admitted meanwhile included), rows and keys removed on delete."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from sqlalchemy import func
+from sqlmodel import col, delete, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from gateway.db.models import (
+    Artifact,
+    DeadLetter,
+    Event,
+    Session,
+    SessionStatus,
+    SpawnTree,
+    Turn,
+    utcnow,
+)
+from gateway.services import family, session_redis, tree
+from gateway.services.provision import Provisioning
+from gateway.services.session_base import logger
+from wrapper.protocol import EventType
+
+
+class Shutdown(Provisioning):
+    """Stop and delete, over a whole subtree."""
+
+    async def stop(self, *, db: AsyncSession, session: Session) -> Session:
+        """Stop the session and its whole subtree, children first.
+
+        Each container is stopped for real (SIGTERM, grace, SIGKILL); the wrapper ends a running
+        turn (``interrupted``) and says ``exited``; the stop waits (at most
+        ``stop_record_timeout_s``) until the ledger has recorded that turn and copied its files,
+        then removes the container. Prompts that never ran are cancelled. Volumes stay.
+        Children admitted while the stop ran are stopped too. Idempotent.
+        """
+        await self._stop_children(db, session)
+        current = await db.get(Session, session.id, populate_existing=True)
+        if current is None or not current.status.live:
+            return current or session
+        session = current
+        session.last_activity = utcnow()  # the reaper leaves recently active sessions alone
+        db.add(session)
+        await db.commit()
+        if session.container_id:
+            await self.runtime.stop(session.container_id, timeout_s=self.settings.stop_timeout_s)
+            await self._await_recorded(session.id)
+            await self.runtime.remove(session.container_id)
+        await session_redis.drain_turns(self.redis, session.id)
+        await session_redis.revoke_access(self.redis, session.id)
+        await tree.lock_tree(db, session.root_id)
+        # Status first: from here a concurrent chat is refused (its conditional insert waits
+        # for this transaction), and every turn it already inserted is seen and cancelled.
+        ended = await tree.end_session(db, session, SessionStatus.STOPPED)
+        await tree.cancel_open_turns(db, session.id)
+        await db.commit()
+        await self._stop_children(db, session)
+        if ended and session.parent_session_id:
+            await self._notify(
+                session.parent_session_id, EventType.CHILD_STOPPED, {"child_session_id": session.id}
+            )
+        return session
+
+    async def _stop_children(self, db: AsyncSession, session: Session) -> None:
+        for child in await family.children_of(db, session.id):
+            if child.status.live:
+                await self.stop(db=db, session=child)
+
+    async def _await_recorded(self, session_id: str) -> None:
+        """Wait until the ledger applied the session's ``exited`` and recorded every turn."""
+        deadline = time.monotonic() + self.settings.stop_record_timeout_s
+        while time.monotonic() < deadline:
+            async with self.db_factory() as db:
+                current = await db.get(Session, session_id)
+                unrecorded = (
+                    await db.exec(
+                        select(func.count())
+                        .select_from(Turn)
+                        .where(Turn.session_id == session_id, col(Turn.recorded_at).is_(None))
+                    )
+                ).one()
+            if current is None or (not current.status.live and not unrecorded):
+                return
+            await asyncio.sleep(0.05)
+        logger.warning("stop: the ledger had not recorded %s in time; removing anyway", session_id)
+
+    async def delete(self, *, db: AsyncSession, session: Session) -> None:
+        """Delete the session and its subtree: containers, own volumes, Redis keys, artifacts,
+        events, turns and rows. A deleted child is detached from its parent."""
+        for child in await family.children_of(db, session.id):
+            await self.delete(db=db, session=child)
+        session = await self.stop(db=db, session=session)
+        self.ledger.untrack(session.id)
+        await self._remove_resources(session, quiet=False)
+        await session_redis.purge(self.redis, session.id)
+        await self.store.delete_session(session.id)
+        await tree.lock_tree(db, session.root_id)
+        for table in (Event, Artifact, Turn, DeadLetter):
+            await db.exec(delete(table).where(col(table.session_id) == session.id))
+        if session.parent_session_id is None:
+            await db.exec(delete(SpawnTree).where(col(SpawnTree.root_id) == session.id))
+        row = await db.get(Session, session.id)
+        if row is not None:
+            await db.delete(row)
+        await db.commit()

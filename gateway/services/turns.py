@@ -1,0 +1,153 @@
+"""Turns: queue a prompt (refused atomically once the session ended), wait for its recorded
+result without holding a database connection, read it, interrupt it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import Any
+
+from sqlalchemy import exists, insert, literal, update
+from sqlalchemy import select as sa_select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import col, delete, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from gateway.db.models import (
+    Session,
+    Turn,
+    TurnStatus,
+    utcnow,
+)
+from gateway.errors import (
+    Conflict,
+    DependencyUnavailable,
+    NotFound,
+    TurnTimeout,
+)
+from gateway.services import session_redis, tree
+from gateway.services.session_base import ServiceBase
+from wrapper.protocol import ControlMessage, ControlType, TurnRequest
+
+
+class TurnOps(ServiceBase):
+    """Prompts, their results, waiting for them, interrupts."""
+
+    async def chat(
+        self, *, db: AsyncSession, session: Session, prompt: str, timeout_s: float | None
+    ) -> Turn:
+        """Queue a prompt (also while starting or running: turns run in arrival order).
+
+        The turn is inserted only if the session is still live, in one statement under the
+        tree's lock, so a concurrent stop either sees it (and cancels it) or refuses it
+        (Conflict): no turn is left queued forever.
+        """
+        turn = Turn(id=str(uuid.uuid4()), session_id=session.id, prompt=prompt)
+        await tree.lock_tree(db, session.root_id)
+        now = utcnow()
+        added = await db.exec(
+            insert(Turn).from_select(
+                ["id", "session_id", "prompt", "status", "created_at"],
+                sa_select(
+                    literal(turn.id, _TURN.c.id.type),
+                    literal(session.id, _TURN.c.session_id.type),
+                    literal(prompt, _TURN.c.prompt.type),
+                    literal(TurnStatus.QUEUED, _TURN.c.status.type),
+                    literal(now, _TURN.c.created_at.type),
+                ).where(
+                    exists().where(
+                        col(Session.id) == session.id, col(Session.status).in_(tree.LIVE)
+                    )
+                ),
+            )
+        )
+        if added.rowcount != 1:
+            await db.rollback()
+            current = await db.get(Session, session.id, populate_existing=True)
+            state = current.status.value if current else "deleted"
+            raise Conflict(f"session {session.id} is {state}; create a new session to chat")
+        await db.exec(
+            update(Session).where(col(Session.id) == session.id).values(last_activity=now)
+        )
+        await db.commit()
+        turn.created_at = now
+        try:
+            await session_redis.push_turn(
+                self.redis,
+                session.id,
+                TurnRequest(message_id=turn.id, prompt=prompt, timeout_seconds=timeout_s),
+            )
+        except DependencyUnavailable:
+            with contextlib.suppress(SQLAlchemyError):
+                await db.exec(delete(Turn).where(col(Turn.id) == turn.id))
+                await db.commit()
+            raise
+        return turn
+
+    async def latest_turn(self, *, session: Session) -> Turn:
+        """The session's most recent prompt (own short-lived handle); Conflict when none."""
+        async with self.db_factory() as db:
+            rows = await db.exec(
+                select(Turn)
+                .where(Turn.session_id == session.id)
+                .order_by(col(Turn.created_at).desc())
+                .limit(1)
+            )
+            turn = rows.first()
+        if turn is None:
+            raise Conflict(f"session {session.id} has no turn to wait for")
+        return turn
+
+    async def wait_for_turn(self, *, session_id: str, turn_id: str, timeout_s: float) -> Turn:
+        """Wait until the turn is final and recorded (result and artifacts), without holding a
+        database connection: it wakes on the session's ``turn_recorded`` notices (and ``exited``
+        events), with a slow re-check as a safety net. Raises TurnTimeout or NotFound."""
+        sub = await self.hub.subscribe(session_id, accept=_wakes_waiters)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        try:
+            while True:
+                async with self.db_factory() as db:
+                    current = await db.get(Turn, turn_id)
+                if current is None:
+                    raise NotFound(f"message {turn_id} not found")
+                if current.status.final and current.recorded_at is not None:
+                    return current
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TurnTimeout(
+                        f"turn {turn_id} is still {current.status.value} after {timeout_s:g}s; "
+                        f"poll GET /api/v1/sessions/{session_id}/messages/{turn_id}"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(sub.get(), min(remaining, _WAIT_RECHECK_S))
+                    if sub.overflowed:
+                        await self.hub.unsubscribe(sub)
+                        sub = await self.hub.subscribe(session_id, accept=_wakes_waiters)
+        finally:
+            await self.hub.unsubscribe(sub)
+
+    async def get_message(self, *, db: AsyncSession, session: Session, message_id: str) -> Turn:
+        """A turn of this session; NotFound otherwise."""
+        turn = await db.get(Turn, message_id)
+        if turn is None or turn.session_id != session.id:
+            raise NotFound(f"message {message_id} not found in session {session.id}")
+        return turn
+
+    async def interrupt(self, *, session: Session) -> None:
+        """Ask the wrapper to interrupt the running turn (CLI control-protocol interrupt)."""
+        if not session.status.live:
+            raise Conflict(f"session {session.id} is {session.status.value}")
+        await session_redis.push_control(
+            self.redis, session.id, ControlMessage(type=ControlType.INTERRUPT)
+        )
+
+
+_WAIT_RECHECK_S = 5.0
+_TURN: Any = Turn.__table__  # type: ignore[attr-defined]
+
+
+def _wakes_waiters(raw: bytes) -> bool:
+    """Messages a turn waiter needs: gateway notices (no seq) and ``exited`` events."""
+    return not raw.startswith(b'{"seq":') or b'"type":"exited"' in raw

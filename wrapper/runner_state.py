@@ -1,0 +1,111 @@
+"""The runner's shared state and its event helpers (the parts: cli_life, turns, control, runner)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections import deque
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from wrapper.cli_process import (
+    CliProcess,
+)
+from wrapper.config import WrapperConfig
+from wrapper.protocol import (
+    EventSource,
+    EventType,
+    SessionSpec,
+    TurnRequest,
+)
+from wrapper.publisher import EventPublisher
+from wrapper.workspace import WorkspaceTracker
+
+logger = logging.getLogger("wrapper.runner")
+
+
+class StartupFailed(Exception):
+    """The CLI exited or stayed silent before answering the ``initialize`` handshake."""
+
+
+class RunnerState:
+    """What every part of the runner shares: config, spec, clients, the CLI and the turn."""
+
+    def __init__(
+        self,
+        config: WrapperConfig,
+        spec: SessionSpec,
+        *,
+        publisher: EventPublisher,
+        input_redis: aioredis.Redis,
+        control_redis: aioredis.Redis,
+        state_redis: aioredis.Redis,
+    ) -> None:
+        self._config = config
+        self._spec = spec
+        self._events = publisher
+        self._input_redis = input_redis
+        self._control_redis = control_redis
+        self._state_redis = state_redis
+        self._token_file = os.path.join(config.state_dir, "gateway-token")
+        self._workspace = WorkspaceTracker(config.workspace)
+        self._cli: CliProcess | None = None
+        self._pump: asyncio.Task[int] | None = None
+        self._ready = asyncio.Event()
+        self._turn_idle = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._turn: TurnRequest | None = None
+        self._result: asyncio.Future[dict[str, Any]] | None = None
+        self._control_waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._crashes: deque[float] = deque()
+        self._exit_status = 0
+        self._state_file = os.path.join(config.state_dir, "cli-session.json")
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop (SIGTERM handler)."""
+        self._stop.set()
+
+    # ----------------------------------------------------------------------------- events
+
+    def _emit(self, event_type: EventType, data: dict[str, Any]) -> int:
+        seq = self._events.emit(
+            event_type.value,
+            json.dumps(data),
+            source=EventSource.WRAPPER,
+            turn_id=self._turn.message_id if self._turn else None,
+        )
+        self._check_journal()
+        return seq
+
+    def _check_journal(self) -> None:
+        """End the session when the outbox can no longer journal (e.g. its volume is full)."""
+        problem = self._events.journal_error
+        if problem is not None and not self._stop.is_set():
+            self._events.journal_error = None
+            self._fatal("outbox_failed", f"cannot journal events: {problem}", [])
+
+    def _fatal(self, code: str, message: str, stderr_tail: list[str]) -> None:
+        self._emit(
+            EventType.ERROR, {"code": code, "message": message, "stderr_tail": stderr_tail[-10:]}
+        )
+        self._exit_status = 1
+        self._stop.set()
+
+    def _complete_turn_synthetic(self, message: str, *, terminal_reason: str) -> None:
+        if self._result is not None and not self._result.done():
+            self._result.set_result(synthetic_result(message, terminal_reason))
+
+
+def synthetic_result(message: str, terminal_reason: str) -> dict[str, Any]:
+    """A result for a turn the CLI could not finish itself (shape of a CLI error result)."""
+    return {
+        "type": "result",
+        "subtype": "error_during_execution",
+        "is_error": True,
+        "result": None,
+        "errors": [message],
+        "terminal_reason": terminal_reason,
+    }
