@@ -1,9 +1,11 @@
 """API latency with many open streams: one gateway process, SQLite (the embedded default).
 
-A real session (its container idle) on a ``ccgate serve`` process with real Redis. Measures
+A real session (its container idle) on a ``ccgate serve`` process with real Redis; the streams
+are read by a separate process, so the prober's own loop is idle. Measures
 ``GET /api/v1/sessions/{id}`` (authorization + one query) sequentially, p50/p95/p99:
 first with no stream open (the baseline, same run), then with 1,000 Server-Sent-Events streams
-open on the session, then with 1,000 streams while events flow to all of them (20 events/s).
+open on the session, then with 1,000 streams while events flow to all of them (2 and 20
+events/s, i.e. 2,000 and 20,000 deliveries/s).
 
 Usage: .venv/bin/python scripts/bench_streams.py [--streams 1000] [--samples 300]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import multiprocessing
 import resource
 import secrets
 import sys
@@ -20,6 +23,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
@@ -31,6 +35,32 @@ from scripted_model import ScriptedModelServer
 from tests.servers import GatewayProcess, RedisServer
 from wrapper.protocol import EventSource
 from wrapper.publisher import EventPublisher
+
+
+def _readers(url: str, token: str, path: str, streams: int, ready: Any) -> None:
+    """In a process of its own (so reading 1,000 streams does not slow the prober): open the
+    SSE streams, set ``ready`` once all are open, read until terminated."""
+
+    async def main() -> None:
+        limits = httpx.Limits(max_connections=streams + 10, max_keepalive_connections=streams)
+        headers = {"Authorization": f"Bearer {token}"}
+        opened = 0
+        async with httpx.AsyncClient(
+            base_url=url, headers=headers, timeout=None, limits=limits
+        ) as sse:
+
+            async def follow() -> None:
+                nonlocal opened
+                async with sse.stream("GET", f"{path}/events/stream") as response:
+                    opened += 1
+                    if opened == streams:
+                        ready.set()
+                    async for _ in response.aiter_raw():
+                        pass
+
+            await asyncio.gather(*(follow() for _ in range(streams)))
+
+    asyncio.run(main())
 
 
 def pct(values: list[float], p: float) -> float:
@@ -69,60 +99,45 @@ async def run(streams: int, samples: int) -> None:
     ).start()
     token = mint_token(key=secret, user=f"bench-{uuid.uuid4().hex[:6]}", ttl_s=3600)
     headers = {"Authorization": f"Bearer {token}"}
-    limits = httpx.Limits(max_connections=streams + 10, max_keepalive_connections=streams + 10)
     rows: list[tuple[str, list[float]]] = []
-    tasks: list[asyncio.Task[None]] = []
     try:
         async with (
             httpx.AsyncClient(base_url=gateway.url, headers=headers, timeout=60) as http,
-            httpx.AsyncClient(
-                base_url=gateway.url, headers=headers, timeout=None, limits=limits
-            ) as sse,
         ):
             sid = (await http.post("/api/v1/sessions", json={})).json()["session_id"]
             path = f"/api/v1/sessions/{sid}"
             await latencies(http, path, 20)  # warm-up
             rows.append(("no stream open (baseline)", await latencies(http, path, samples)))
-            opened = 0
-            all_open = asyncio.Event()
-
-            async def follow() -> None:
-                nonlocal opened
-                async with sse.stream("GET", f"{path}/events/stream") as response:
-                    opened += 1
-                    if opened == streams:
-                        all_open.set()
-                    async for _ in response.aiter_raw():
-                        pass
-
-            tasks = [asyncio.create_task(follow()) for _ in range(streams)]
-            await asyncio.wait_for(all_open.wait(), 120)
+            ready = multiprocessing.Event()
+            readers = multiprocessing.Process(
+                target=_readers, args=(gateway.url, token, path, streams, ready), daemon=True
+            )
+            readers.start()
+            assert await asyncio.to_thread(ready.wait, 120), "the streams did not open"
             await asyncio.sleep(1)
             rows.append((f"{streams} SSE streams open", await latencies(http, path, samples)))
             client = aioredis.Redis.from_url(redis_server.url)
             publisher = EventPublisher(client, sid)
             await publisher.start()
 
-            async def flow() -> None:
-                while True:
-                    publisher.emit("bench", '{"x":1}', source=EventSource.CLI, turn_id=None)
-                    await asyncio.sleep(0.05)
+            for rate in (2, 20):
 
-            flowing = asyncio.create_task(flow())
-            await asyncio.sleep(1)
-            rows.append(
-                (f"{streams} streams, 20 events/s to each", await latencies(http, path, samples))
-            )
-            flowing.cancel()
+                async def flow(period: float = 1 / rate) -> None:
+                    while True:
+                        publisher.emit("bench", '{"x":1}', source=EventSource.CLI, turn_id=None)
+                        await asyncio.sleep(period)
+
+                flowing = asyncio.create_task(flow())
+                await asyncio.sleep(1)
+                name = f"{streams} streams, {rate} events/s to each"
+                rows.append((name, await latencies(http, path, samples)))
+                flowing.cancel()
             await publisher.close(5)
             await client.aclose()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            readers.terminate()
+            readers.join(10)
             await http.delete(path)
     finally:
-        for task in tasks:
-            task.cancel()
         with contextlib.suppress(Exception):
             gateway.stop()
         model.stop()

@@ -21,6 +21,21 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/sessions/{session_id}/events", tags=["events"])
 
 _KEEPALIVE_S = 15.0
+_BATCH = 256
+
+
+def _frame(item: bytes) -> bytes:
+    """One SSE event: an envelope (``id: <seq>``) or a notice/gap (``event: <type>``)."""
+    if item.startswith(b'{"seq":'):
+        return b"id: %d\ndata: %s\n\n" % (envelope_seq(item), item)
+    kind = json.loads(item).get("type", "notice")
+    return b"event: %s\ndata: %s\n\n" % (str(kind).encode(), item)
+
+
+def _failure_frame(exc: Exception) -> bytes:
+    kind = "slow_consumer" if isinstance(exc, SlowConsumer) else "error"
+    detail = str(exc) if isinstance(exc, SlowConsumer | GatewayError) else "internal error"
+    return f"event: {kind}\ndata: {json.dumps({'detail': detail})}\n\n".encode()
 
 
 @router.get("")
@@ -103,21 +118,25 @@ async def stream_events(
             yield b"retry: 2000\n\n"
             while not overflow.is_set():
                 try:
-                    item = await asyncio.wait_for(queue.get(), _KEEPALIVE_S)
+                    async with asyncio.timeout(_KEEPALIVE_S):
+                        item = await queue.get()
                 except TimeoutError:
                     yield b": keepalive\n\n"
                     continue
-                if isinstance(item, Exception):
-                    kind = "slow_consumer" if isinstance(item, SlowConsumer) else "error"
-                    if isinstance(item, SlowConsumer):
-                        state.metrics.slow_consumers.inc()
-                    yield f"event: {kind}\ndata: {json.dumps({'detail': str(item)})}\n\n".encode()
-                    return
-                if item.startswith(b'{"seq":'):
-                    yield b"id: %d\ndata: %s\n\n" % (envelope_seq(item), item)
-                else:
-                    kind = json.loads(item).get("type", "notice")
-                    yield b"event: %s\ndata: %s\n\n" % (kind.encode(), item)
+                # Everything already queued goes out in one write (fewer sends under load).
+                frames: list[bytes] = []
+                while True:
+                    if isinstance(item, Exception):
+                        if isinstance(item, SlowConsumer):
+                            state.metrics.slow_consumers.inc()
+                        frames.append(_failure_frame(item))
+                        yield b"".join(frames)
+                        return
+                    frames.append(_frame(item))
+                    if len(frames) >= _BATCH or queue.empty():
+                        break
+                    item = queue.get_nowait()
+                yield b"".join(frames)
             state.metrics.slow_consumers.inc()
             yield b'event: slow_consumer\ndata: {"detail": "buffer overflow"}\n\n'
         finally:
