@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Build the ccgate session image (container/Dockerfile) without needing an image registry.
 #
-# Usage: scripts/build-image.sh [--tag TAG] [--ca-bundle PATH] [--base IMAGE]
+# Usage: scripts/build-image.sh [--tag TAG] [--ca-bundle PATH] [--base IMAGE] [--test-services]
 #   --tag        image tag (default: $CCGATE_IMAGE or ccgate-session:latest)
+#   --test-services  also build the images the test suite runs through testcontainers
+#                (ccgate-test-redis, ccgate-test-postgres, ccgate-test-s3, from
+#                container/services/, on the same base)
 #   --ca-bundle  PEM bundle trusted inside the build and the image, for HTTPS through a
 #                TLS-inspecting proxy (default: $CCGATE_CA_BUNDLE, else $PIP_CERT, else the
 #                system bundle /etc/ssl/certs/ca-certificates.crt)
@@ -16,13 +19,15 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 tag=${CCGATE_IMAGE:-ccgate-session:latest}
 ca_bundle=${CCGATE_CA_BUNDLE:-${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}}
 base=${CCGATE_BASE_IMAGE:-}
+test_services=0
 
 while [ $# -gt 0 ]; do
   case "$1" in
     --tag) tag=$2; shift 2 ;;
     --ca-bundle) ca_bundle=$2; shift 2 ;;
     --base) base=$2; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    --test-services) test_services=1; shift ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "build-image: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -68,3 +73,15 @@ cp "$here"/wrapper/*.py "$ctx/wrapper/"
 log "building $tag from $base"
 docker build -q --build-arg BASE_IMAGE="$base" -t "$tag" "$ctx" >/dev/null
 log "built $tag"
+
+if [ "$test_services" = 1 ]; then
+  for service in redis postgres s3; do
+    sctx=$(mktemp -d /tmp/ccgate-build-svc.XXXXXX)
+    cp "$here/container/services/$service.Dockerfile" "$sctx/Dockerfile"
+    cp "$ca_bundle" "$sctx/build-ca.crt"
+    docker build -q --build-arg BASE_IMAGE="$base" -t "ccgate-test-$service:latest" "$sctx" \
+      >/dev/null
+    rm -rf "$sctx"
+    log "built ccgate-test-$service:latest"
+  done
+fi

@@ -3,7 +3,8 @@
 #   - Docker engine (docker.io) if absent, started without systemd when needed
 #   - redis-server, PostgreSQL server programs, debootstrap (for the registry-less image build)
 #   - a Python >= 3.11 virtualenv in .venv with ccgate and its test tools
-#   - the session image (scripts/build-image.sh; cached layers make reruns fast)
+#   - the session image and the test suite's service images (scripts/build-image.sh; cached
+#     layers make reruns fast)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -56,6 +57,6 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   echo "$want" > "$stamp"
 fi
 
-# --- Session image ----------------------------------------------------------------------
-bash scripts/build-image.sh
+# --- Session image, and the test services' images (testcontainers) -----------------------
+bash scripts/build-image.sh --test-services
 log "ready"

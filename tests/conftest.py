@@ -15,7 +15,14 @@ import pytest
 from gateway.auth import mint_token
 from gateway.config import Settings
 from scripted_model import ScriptedModelServer
-from tests.servers import GatewayServer, PostgresServer, RedisServer, S3Server
+from tests.containers import (
+    PostgresContainer,
+    RedisContainer,
+    S3Container,
+    remove_leftovers,
+    require_images,
+)
+from tests.servers import GatewayServer
 
 IMAGE = "ccgate-session:latest"
 JWT_SECRET = secrets.token_urlsafe(32)
@@ -24,25 +31,34 @@ must share their secret (it signs session tokens and derives Redis ACL passwords
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    """A real redis-server for the whole run."""
-    server = RedisServer().start()
+def service_containers() -> Iterator[None]:
+    """Before the shared servers start: their images exist, and what a killed run left is gone."""
+    require_images()
+    remove_leftovers()
+    yield
+    remove_leftovers()
+
+
+@pytest.fixture(scope="session")
+def redis_server(service_containers: None) -> Iterator[RedisContainer]:
+    """A real Redis (container, through testcontainers) for the whole run."""
+    server = RedisContainer().start()
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """A real PostgreSQL cluster for the whole run."""
-    server = PostgresServer().start()
+def postgres_server(service_containers: None) -> Iterator[PostgresContainer]:
+    """A real PostgreSQL (container, through testcontainers) for the whole run."""
+    server = PostgresContainer().start()
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """A real S3-compatible server (moto) for the whole run."""
-    server = S3Server().start()
+def s3_server(service_containers: None) -> Iterator[S3Container]:
+    """A real S3-compatible server (moto in a container, through testcontainers)."""
+    server = S3Container().start()
     yield server
     server.stop()
 
@@ -85,9 +101,9 @@ def make_settings(tmp: Path, **overrides: Any) -> Settings:
 
 def full_stack_settings(
     tmp: Path,
-    redis: RedisServer,
-    postgres: PostgresServer,
-    s3: S3Server,
+    redis: RedisContainer,
+    postgres: PostgresContainer,
+    s3: S3Container,
     model: ScriptedModelServer,
     **overrides: Any,
 ) -> Settings:
@@ -131,9 +147,9 @@ class Api:
 @pytest.fixture(scope="session")
 def e2e_gateway(
     tmp_path_factory: pytest.TempPathFactory,
-    redis_server: RedisServer,
-    postgres_server: PostgresServer,
-    s3_server: S3Server,
+    redis_server: RedisContainer,
+    postgres_server: PostgresContainer,
+    s3_server: S3Container,
     scripted_model: ScriptedModelServer,
     docker_client: docker.DockerClient,
 ) -> Iterator[GatewayServer]:

@@ -1,8 +1,10 @@
-"""Real servers for tests: Redis, PostgreSQL, an S3-compatible server, and the gateway itself.
+"""Servers as processes for the tests that need to control them: Redis restarted on the same
+port (with or without its append-only file), a PostgreSQL of a test's own, the gateway itself
+(in a thread, or as ``ccgate serve`` processes that can be SIGKILLed), and the benchmarks.
 
-Each is a real process on this machine (no image registry is reachable here, so they run from
-the packages .ci/run installs rather than from testcontainers images). Redis binds 0.0.0.0 with a
-password so session containers can reach it through host.docker.internal.
+The suite's shared Redis, PostgreSQL and S3 server run as containers through testcontainers
+(tests/containers.py). Redis here binds 0.0.0.0 with a password so session containers can reach
+it through host.docker.internal.
 """
 
 from __future__ import annotations

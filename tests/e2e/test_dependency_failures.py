@@ -13,6 +13,7 @@ import redis
 from gateway.auth import mint_token
 from scripted_model import ScriptedModelServer
 from tests.conftest import make_settings
+from tests.containers import RedisContainer
 from tests.servers import GatewayServer, PostgresServer, RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -25,7 +26,7 @@ def _client(gateway: GatewayServer, user: str) -> httpx.Client:
     )
 
 
-def _session_keys(server: RedisServer) -> set[bytes]:
+def _session_keys(server: RedisServer | RedisContainer) -> set[bytes]:
     client = redis.Redis.from_url(server.url)
     try:
         return set(client.keys("ccgate:session:*"))
@@ -33,7 +34,7 @@ def _session_keys(server: RedisServer) -> set[bytes]:
         client.close()
 
 
-def _acl_users(server: RedisServer) -> set[str]:
+def _acl_users(server: RedisServer | RedisContainer) -> set[str]:
     client = redis.Redis.from_url(server.url)
     try:
         return set(client.acl_users())
@@ -55,7 +56,7 @@ def gateway_factory(tmp_path: Path) -> Iterator[list[GatewayServer]]:
 
 def test_missing_image_is_503_naming_docker_and_leaves_nothing(
     tmp_path: Path,
-    redis_server: RedisServer,
+    redis_server: RedisContainer,
     scripted_model: ScriptedModelServer,
     docker_client: docker.DockerClient,
     gateway_factory: list[GatewayServer],
@@ -77,7 +78,7 @@ def test_missing_image_is_503_naming_docker_and_leaves_nothing(
 
 
 def test_unreachable_docker_is_503_naming_docker(
-    tmp_path: Path, redis_server: RedisServer, gateway_factory: list[GatewayServer]
+    tmp_path: Path, redis_server: RedisContainer, gateway_factory: list[GatewayServer]
 ) -> None:
     gateway = GatewayServer(
         make_settings(
@@ -116,7 +117,7 @@ def test_redis_down_is_503_naming_redis_and_leaves_nothing(
 
 
 def test_database_down_is_503_naming_the_database(
-    tmp_path: Path, redis_server: RedisServer, gateway_factory: list[GatewayServer]
+    tmp_path: Path, redis_server: RedisContainer, gateway_factory: list[GatewayServer]
 ) -> None:
     own_pg = PostgresServer().start()
     gateway = GatewayServer(

@@ -13,6 +13,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from scripted_model import ScriptedModelServer
+from tests.containers import PostgresContainer, RedisContainer
 from tests.e2e.test_streaming_resilience import (
     _completed,
     _events_until,
@@ -20,7 +21,7 @@ from tests.e2e.test_streaming_resilience import (
     _replica_settings,
     _token,
 )
-from tests.servers import GatewayProcess, PostgresServer, RedisServer
+from tests.servers import GatewayProcess, RedisServer
 
 pytestmark = pytest.mark.e2e
 
@@ -33,7 +34,7 @@ async def _first_event(url: str) -> dict[str, Any]:
 
 async def test_after_a_redis_restart_every_new_client_is_served_at_once(
     tmp_path: Path,
-    postgres_server: PostgresServer,
+    postgres_server: PostgresContainer,
     scripted_model: ScriptedModelServer,
     docker_client: Any,
 ) -> None:
@@ -75,8 +76,8 @@ async def test_after_a_redis_restart_every_new_client_is_served_at_once(
 
 async def test_a_gateway_killed_mid_turn_is_replaced_and_nothing_is_lost(
     tmp_path: Path,
-    redis_server: RedisServer,
-    postgres_server: PostgresServer,
+    redis_server: RedisContainer,
+    postgres_server: PostgresContainer,
     scripted_model: ScriptedModelServer,
     docker_client: Any,
 ) -> None:

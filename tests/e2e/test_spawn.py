@@ -20,8 +20,9 @@ from websockets.exceptions import ConnectionClosed
 from gateway.auth import decode_token, mint_token
 from scripted_model import ScriptedModelServer
 from tests.conftest import Api, full_stack_settings
+from tests.containers import PostgresContainer, RedisContainer, S3Container
 from tests.e2e.helpers import collect_until, turn_done
-from tests.servers import GatewayServer, PostgresServer, RedisServer, S3Server
+from tests.servers import GatewayServer
 from wrapper.protocol import token_key
 
 pytestmark = pytest.mark.e2e
@@ -30,9 +31,9 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def spawn_gateway(
     tmp_path_factory: pytest.TempPathFactory,
-    redis_server: RedisServer,
-    postgres_server: PostgresServer,
-    s3_server: S3Server,
+    redis_server: RedisContainer,
+    postgres_server: PostgresContainer,
+    s3_server: S3Container,
     scripted_model: ScriptedModelServer,
     docker_client: docker.DockerClient,
 ) -> Iterator[GatewayServer]:
@@ -336,9 +337,9 @@ async def test_a_spawn_callback_receives_the_childs_result(users: list[Api]) -> 
 
 async def test_session_tokens_are_renewed_before_they_expire(
     tmp_path_factory: pytest.TempPathFactory,
-    redis_server: RedisServer,
-    postgres_server: PostgresServer,
-    s3_server: S3Server,
+    redis_server: RedisContainer,
+    postgres_server: PostgresContainer,
+    s3_server: S3Container,
     scripted_model: ScriptedModelServer,
 ) -> None:
     tmp = Path(tmp_path_factory.mktemp("gw-tokens"))

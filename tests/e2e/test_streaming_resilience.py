@@ -20,8 +20,9 @@ from websockets.exceptions import ConnectionClosed
 from gateway.auth import mint_token
 from scripted_model import ScriptedModelServer
 from tests.conftest import IMAGE, JWT_SECRET, make_settings
+from tests.containers import PostgresContainer, RedisContainer
 from tests.e2e.helpers import StalledWebSocket
-from tests.servers import GatewayProcess, GatewayServer, PostgresServer, RedisServer
+from tests.servers import GatewayProcess, GatewayServer, RedisServer
 from wrapper.protocol import events_key
 
 pytestmark = pytest.mark.e2e
@@ -33,8 +34,13 @@ def _token(user: str) -> str:
     return mint_token(key=SECRET, user=user, ttl_s=3600)
 
 
-def _replica_settings(redis: RedisServer, postgres: PostgresServer, model: ScriptedModelServer,
-                      tmp: Path, **extra: object) -> dict[str, object]:  # fmt: skip
+def _replica_settings(
+    redis: RedisServer | RedisContainer,
+    postgres: PostgresContainer,
+    model: ScriptedModelServer,
+    tmp: Path,
+    **extra: object,
+) -> dict[str, object]:
     return {
         "data_dir": tmp,
         "jwt_secret": SECRET,
@@ -55,8 +61,8 @@ def _replica_settings(redis: RedisServer, postgres: PostgresServer, model: Scrip
 @pytest.fixture
 def replicas(
     tmp_path: Path,
-    redis_server: RedisServer,
-    postgres_server: PostgresServer,
+    redis_server: RedisContainer,
+    postgres_server: PostgresContainer,
     scripted_model: ScriptedModelServer,
     docker_client: Any,
 ) -> Iterator[list[GatewayProcess]]:
@@ -185,7 +191,7 @@ async def test_two_hundred_clients_on_two_replicas_receive_the_identical_sequenc
 
 async def test_a_redis_restart_mid_turn_loses_and_duplicates_nothing(
     tmp_path: Path,
-    postgres_server: PostgresServer,
+    postgres_server: PostgresContainer,
     scripted_model: ScriptedModelServer,
     docker_client: Any,
 ) -> None:
@@ -248,8 +254,8 @@ async def test_a_redis_restart_mid_turn_loses_and_duplicates_nothing(
 
 async def test_resume_from_zero_after_the_stream_was_trimmed_is_served_from_the_database(
     tmp_path: Path,
-    redis_server: RedisServer,
-    postgres_server: PostgresServer,
+    redis_server: RedisContainer,
+    postgres_server: PostgresContainer,
     scripted_model: ScriptedModelServer,
     docker_client: Any,
 ) -> None:

@@ -10,7 +10,7 @@ from minio import Minio
 
 from gateway.errors import DependencyUnavailable
 from gateway.services.artifacts import ArtifactStore, LocalArtifactStore, S3ArtifactStore
-from tests.servers import S3Server
+from tests.containers import S3Container
 
 
 async def _exercise(store: ArtifactStore) -> None:
@@ -27,7 +27,7 @@ async def _exercise(store: ArtifactStore) -> None:
         await store.get(sid, "b.txt")
 
 
-async def test_s3_store_puts_gets_and_deletes(s3_server: S3Server) -> None:
+async def test_s3_store_puts_gets_and_deletes(s3_server: S3Container) -> None:
     client = Minio(
         s3_server.endpoint,
         access_key=s3_server.access_key,

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from gateway.services.events import EventHub, envelope_seq, follow_session
 from gateway.supervisor import Supervisor
-from tests.servers import RedisServer
+from tests.containers import RedisContainer
 from wrapper.protocol import EventSource, encode_envelope
 from wrapper.publisher import EventPublisher
 
@@ -20,7 +20,7 @@ async def _no_archive(session_id: str, first: int, last: int, limit: int) -> lis
 
 
 async def test_followers_joining_mid_stream_get_every_event_once_in_order(
-    redis_server: RedisServer,
+    redis_server: RedisContainer,
 ) -> None:
     sid = str(uuid.uuid4())
     client = aioredis.Redis.from_url(redis_server.url)
@@ -62,7 +62,7 @@ async def test_followers_joining_mid_stream_get_every_event_once_in_order(
 
 
 async def test_events_trimmed_from_redis_come_from_the_archive_or_as_an_explicit_gap(
-    redis_server: RedisServer,
+    redis_server: RedisContainer,
 ) -> None:
     sid = str(uuid.uuid4())
     client = aioredis.Redis.from_url(redis_server.url)

@@ -26,14 +26,14 @@ from gateway.services.ledger import Ledger
 from gateway.services.runtime.docker import DockerRuntime
 from gateway.services.session_redis import ensure_ledger_group
 from gateway.supervisor import Supervisor
-from tests.servers import PostgresServer, RedisServer
+from tests.containers import PostgresContainer, RedisContainer
 from wrapper.protocol import LEDGER_GROUP, EventSource, events_key
 from wrapper.publisher import EventPublisher
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def engine(
-    request: pytest.FixtureRequest, tmp_path: Path, postgres_server: PostgresServer
+    request: pytest.FixtureRequest, tmp_path: Path, postgres_server: PostgresContainer
 ) -> AsyncIterator[AsyncEngine]:
     url = (
         f"sqlite+aiosqlite:///{tmp_path}/ledger.db"
@@ -51,7 +51,7 @@ LedgerFactory = Callable[..., Awaitable[Ledger]]
 
 @pytest.fixture
 async def make_ledger(
-    engine: AsyncEngine, redis_server: RedisServer, tmp_path: Path
+    engine: AsyncEngine, redis_server: RedisContainer, tmp_path: Path
 ) -> AsyncIterator[LedgerFactory]:
     """Started ledgers (each with its own supervisor), closed after the test."""
     made: list[tuple[Ledger, Supervisor, aioredis.Redis]] = []
@@ -121,7 +121,7 @@ def _completed(mid: str, total: float, usage: int) -> dict[str, Any]:
 
 
 async def test_turn_results_costs_and_status_are_recorded_once(
-    engine: AsyncEngine, redis_server: RedisServer, make_ledger: LedgerFactory
+    engine: AsyncEngine, redis_server: RedisContainer, make_ledger: LedgerFactory
 ) -> None:
     db_factory = make_db_factory(engine)
     client = aioredis.Redis.from_url(redis_server.url)
@@ -173,7 +173,7 @@ async def _equal(value: Awaitable[int], expected: int) -> bool:
 
 
 async def test_two_ledgers_in_one_process_share_the_work_without_double_applying(
-    engine: AsyncEngine, redis_server: RedisServer, make_ledger: LedgerFactory
+    engine: AsyncEngine, redis_server: RedisContainer, make_ledger: LedgerFactory
 ) -> None:
     db_factory = make_db_factory(engine)
     client = aioredis.Redis.from_url(redis_server.url)
@@ -195,7 +195,7 @@ async def test_two_ledgers_in_one_process_share_the_work_without_double_applying
 
 
 async def test_an_entry_a_dead_replica_left_pending_is_taken_over_and_persisted(
-    engine: AsyncEngine, redis_server: RedisServer, make_ledger: LedgerFactory
+    engine: AsyncEngine, redis_server: RedisContainer, make_ledger: LedgerFactory
 ) -> None:
     """Exactly one unacknowledged entry (the XAUTOCLAIM justid reply shape that crashed)."""
     db_factory = make_db_factory(engine)
@@ -234,7 +234,7 @@ async def test_an_entry_a_dead_replica_left_pending_is_taken_over_and_persisted(
 
 
 async def test_a_poison_entry_is_dead_lettered_and_other_sessions_go_on(
-    engine: AsyncEngine, redis_server: RedisServer, make_ledger: LedgerFactory
+    engine: AsyncEngine, redis_server: RedisContainer, make_ledger: LedgerFactory
 ) -> None:
     db_factory = make_db_factory(engine)
     client = aioredis.Redis.from_url(redis_server.url)
@@ -302,7 +302,7 @@ async def test_a_poison_entry_is_dead_lettered_and_other_sessions_go_on(
 
 
 async def test_a_burst_past_the_stream_cap_reaches_the_history_complete(
-    engine: AsyncEngine, redis_server: RedisServer, make_ledger: LedgerFactory
+    engine: AsyncEngine, redis_server: RedisContainer, make_ledger: LedgerFactory
 ) -> None:
     """15,000 events with a 50-event stream cap: nothing is trimmed before it is persisted."""
     db_factory = make_db_factory(engine)
@@ -344,7 +344,7 @@ async def _stream_shorter(client: aioredis.Redis, sid: str, limit: int) -> bool:
 
 
 async def test_a_stream_deleted_under_the_ledger_does_not_crash_it(
-    engine: AsyncEngine, redis_server: RedisServer, make_ledger: LedgerFactory
+    engine: AsyncEngine, redis_server: RedisContainer, make_ledger: LedgerFactory
 ) -> None:
     """A session being deleted: its keys go first, its row a moment later."""
     db_factory = make_db_factory(engine)

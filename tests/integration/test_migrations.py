@@ -16,12 +16,12 @@ from sqlmodel import SQLModel
 from gateway.db.engine import make_db_factory, make_engine
 from gateway.db.migrate import current_revision, head_revision, migrate
 from gateway.db.models import Turn, TurnStatus
-from tests.servers import PostgresServer
+from tests.containers import PostgresContainer
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def empty_engine(
-    request: pytest.FixtureRequest, tmp_path: Path, postgres_server: PostgresServer
+    request: pytest.FixtureRequest, tmp_path: Path, postgres_server: PostgresContainer
 ) -> AsyncIterator[AsyncEngine]:
     """An engine on an empty database (a fresh PostgreSQL database per test)."""
     if request.param == "sqlite":

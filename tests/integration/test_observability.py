@@ -14,11 +14,12 @@ import pytest
 from gateway.auth import mint_token
 from gateway.logs import configure_logging
 from tests.conftest import JWT_SECRET, make_settings
-from tests.servers import GatewayServer, RedisServer
+from tests.containers import RedisContainer
+from tests.servers import GatewayServer
 
 
 @pytest.fixture
-def gateway(tmp_path: Path, redis_server: RedisServer) -> Iterator[GatewayServer]:
+def gateway(tmp_path: Path, redis_server: RedisContainer) -> Iterator[GatewayServer]:
     server = GatewayServer(make_settings(tmp_path, redis_url=redis_server.url))
 
     async def boom() -> None:

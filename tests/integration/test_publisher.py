@@ -9,6 +9,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from tests.containers import RedisContainer
 from tests.servers import RedisServer
 from wrapper.outbox import Outbox
 from wrapper.protocol import EventSource, events_key, live_channel
@@ -16,7 +17,7 @@ from wrapper.publisher import EventPublisher
 
 
 async def test_events_get_consecutive_seqs_stream_ids_and_live_copies(
-    redis_server: RedisServer,
+    redis_server: RedisContainer,
 ) -> None:
     sid = str(uuid.uuid4())
     client = aioredis.Redis.from_url(redis_server.url)
@@ -71,7 +72,9 @@ async def test_events_survive_a_redis_outage_in_order_without_duplicates() -> No
         restarted.stop()
 
 
-async def test_a_resent_event_is_not_appended_or_published_twice(redis_server: RedisServer) -> None:
+async def test_a_resent_event_is_not_appended_or_published_twice(
+    redis_server: RedisContainer,
+) -> None:
     sid = str(uuid.uuid4())
     client = aioredis.Redis.from_url(redis_server.url)
     publisher = EventPublisher(client, sid)
@@ -115,7 +118,7 @@ async def test_a_wrapper_restarted_during_an_outage_delivers_its_journal(
         restarted.stop()
 
 
-async def test_the_wrapper_never_trims_the_stream(redis_server: RedisServer) -> None:
+async def test_the_wrapper_never_trims_the_stream(redis_server: RedisContainer) -> None:
     """Trimming is the ledger's, below what it persisted; the wrapper appends only."""
     sid = str(uuid.uuid4())
     client = aioredis.Redis.from_url(redis_server.url)
@@ -131,7 +134,7 @@ async def test_the_wrapper_never_trims_the_stream(redis_server: RedisServer) -> 
 
 
 async def test_redis_out_of_memory_holds_events_until_it_recovers(
-    redis_server: RedisServer, tmp_path: Path
+    redis_server: RedisContainer, tmp_path: Path
 ) -> None:
     """maxmemory reached mid-turn: XADD is refused (OOM); the publisher keeps every event,
     only a bounded number in memory (the rest in the outbox), and delivers all, in order,

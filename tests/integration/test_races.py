@@ -25,12 +25,12 @@ from gateway.services.runtime.docker import DockerRuntime
 from gateway.services.sessions import SessionService
 from gateway.supervisor import Supervisor
 from tests.conftest import JWT_SECRET, make_settings
-from tests.servers import PostgresServer, RedisServer
+from tests.containers import PostgresContainer, RedisContainer
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def engine(
-    request: pytest.FixtureRequest, tmp_path: Path, postgres_server: PostgresServer
+    request: pytest.FixtureRequest, tmp_path: Path, postgres_server: PostgresContainer
 ) -> AsyncIterator[AsyncEngine]:
     url = (
         f"sqlite+aiosqlite:///{tmp_path}/races.db"
@@ -45,7 +45,7 @@ async def engine(
 
 @pytest.fixture
 async def service(
-    engine: AsyncEngine, redis_server: RedisServer, tmp_path: Path
+    engine: AsyncEngine, redis_server: RedisContainer, tmp_path: Path
 ) -> AsyncIterator[SessionService]:
     """A SessionService on real Redis and the database; sessions here have no container."""
     settings = make_settings(tmp_path, redis_url=redis_server.url, stop_record_timeout_s=0.1)

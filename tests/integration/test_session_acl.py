@@ -9,12 +9,12 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError
 
 from gateway.services import session_redis
-from tests.servers import RedisServer
+from tests.containers import RedisContainer
 from wrapper.protocol import SessionSpec, events_key, input_key, live_channel, spec_key
 
 
 async def test_a_session_user_is_confined_to_its_own_keys_and_channels(
-    redis_server: RedisServer,
+    redis_server: RedisContainer,
 ) -> None:
     admin = aioredis.Redis.from_url(redis_server.url)
     mine, theirs = str(uuid.uuid4()), str(uuid.uuid4())

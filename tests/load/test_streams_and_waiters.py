@@ -24,7 +24,8 @@ from websockets.asyncio.client import connect
 from gateway.auth import mint_token
 from scripted_model import ScriptedModelServer
 from tests.conftest import IMAGE, JWT_SECRET
-from tests.servers import GatewayProcess, PostgresServer, RedisServer
+from tests.containers import PostgresContainer, RedisContainer
+from tests.servers import GatewayProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +33,11 @@ SSE_CLIENTS, WS_CLIENTS, WAITERS = 150, 150, 60
 
 
 def _settings(
-    db: str, tmp: Path, redis: RedisServer, postgres: PostgresServer, model: ScriptedModelServer
+    db: str,
+    tmp: Path,
+    redis: RedisContainer,
+    postgres: PostgresContainer,
+    model: ScriptedModelServer,
 ) -> dict[str, object]:
     values: dict[str, object] = {
         "data_dir": tmp,
@@ -72,8 +77,8 @@ async def _ws(url: str, opened: asyncio.Event, n: list[int]) -> None:
 async def test_streams_and_waiters_hold_no_database_connection(
     db: str,
     tmp_path: Path,
-    redis_server: RedisServer,
-    postgres_server: PostgresServer,
+    redis_server: RedisContainer,
+    postgres_server: PostgresContainer,
     scripted_model: ScriptedModelServer,
     docker_client: Any,
 ) -> None:
