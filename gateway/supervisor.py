@@ -76,11 +76,17 @@ class Supervisor:
         """Names of tasks that are not running now."""
         return [s.name for s in self.states.values() if not s.running]
 
-    async def close(self) -> None:
-        """Cancel every task and wait for them."""
-        for task in self._tasks.values():
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Cancel every task and wait for them, at most ``timeout_s`` in all: a task that does
+        not end is logged by name and left behind, so shutdown never hangs."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        for task in self._tasks.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            for task in pending:
+                logger.error("task %s did not stop within %.0fs", task.get_name(), timeout_s)
+            for task in done:
+                with contextlib.suppress(asyncio.CancelledError):
+                    task.result()
         self._tasks.clear()

@@ -58,6 +58,13 @@ def parse_entry(session_id: str, entry_id: str, raw: bytes) -> Entry:
     return Entry(session_id, entry_id, raw, envelope)
 
 
+_INSERT_IGNORE = {
+    True: postgresql.insert(Event).on_conflict_do_nothing(index_elements=["session_id", "seq"]),
+    False: sqlite.insert(Event).on_conflict_do_nothing(index_elements=["session_id", "seq"]),
+}
+"""``INSERT … ON CONFLICT (session_id, seq) DO NOTHING`` for PostgreSQL (True) and SQLite."""
+
+
 def _row(entry: Entry) -> dict[str, Any]:
     assert entry.envelope is not None
     turn_id = entry.envelope.get("turn_id")
@@ -90,15 +97,11 @@ async def persist_events(db_factory: async_sessionmaker[AsyncSession], entries: 
             rows = [_row(e) for e in valid if e.session_id in alive]
             if not rows:
                 return 0
-            dialect = db.get_bind().dialect.name
-            insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-            statement = (
-                insert(Event)
-                .values(rows)
-                .on_conflict_do_nothing(index_elements=["session_id", "seq"])
-            )
+            statement = _INSERT_IGNORE[db.get_bind().dialect.name == "postgresql"]
             try:
-                await db.exec(statement)
+                # executemany: one cached statement, sent as multi-row INSERTs by the driver
+                # layer ("insertmanyvalues"), rather than a fresh VALUES list compiled per batch.
+                await (await db.connection()).execute(statement, rows)
                 await db.commit()
             except IntegrityError:
                 await db.rollback()
