@@ -84,7 +84,7 @@ class Settings(BaseSettings):
         default_factory=lambda: {"host.docker.internal": "host-gateway"}
     )
     stop_timeout_s: int = 15
-    stop_record_timeout_s: float = 5.0
+    stop_record_timeout_s: float = 30.0
     """How long a stop waits for the ledger to record the last turn (and copy its files)
     before the container is removed."""
     reaper_interval_s: float = 15.0

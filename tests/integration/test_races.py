@@ -177,3 +177,53 @@ async def test_stop_racing_spawn_leaves_no_live_child_behind(service: SessionSer
             counters = await db.get(SpawnTree, parent.id)
         assert all(not n.status.live for n in nodes), [(n.id, n.status) for n in nodes]
         assert counters is not None and counters.live_sessions == 0
+
+
+async def test_the_reaper_leaves_a_session_being_created_alone(
+    service: SessionService, redis_server: RedisContainer
+) -> None:
+    """A slow workspace clone: the row is live and old, the container does not exist yet."""
+    from datetime import timedelta
+
+    from gateway.db.models import utcnow
+    from gateway.services.reaper import Reaper
+
+    client = aioredis.Redis.from_url(redis_server.url)
+    runtime = DockerRuntime(deployment=f"test-{uuid.uuid4().hex[:8]}")
+    reaper = Reaper(
+        runtime=runtime,
+        db_factory=service.db_factory,
+        redis=client,
+        jwt_key=JWT_SECRET,
+        token_ttl_s=3600,
+        session_acl=False,
+        interval_s=60,
+        grace_s=1,
+        creation_timeout_s=600,
+    )
+    creating, abandoned = str(uuid.uuid4()), str(uuid.uuid4())
+    long_ago = utcnow() - timedelta(minutes=20)
+    async with service.db_factory() as db:
+        for sid, created in ((creating, utcnow()), (abandoned, long_ago)):
+            db.add(SpawnTree(root_id=sid, owner="alice"))
+            db.add(
+                Session(
+                    id=sid,
+                    owner="alice",
+                    status=SessionStatus.STARTING,
+                    workspace_volume="v",
+                    root_id=sid,
+                    created_at=created,
+                    last_activity=long_ago,
+                )
+            )
+        await db.commit()
+    done = await reaper.sweep()
+    async with service.db_factory() as db:
+        still = await db.get(Session, creating)
+        given_up = await db.get(Session, abandoned)
+    assert still is not None and still.status is SessionStatus.STARTING
+    assert given_up is not None and given_up.status is SessionStatus.FAILED
+    assert done["sessions_failed"] == 1
+    await runtime.close()
+    await client.aclose()
