@@ -17,6 +17,8 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.db.models import WorkspaceType
+
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_ENV = frozenset(
     {"HOME", "PATH", "USER", "CLAUDE_CONFIG_DIR", "CLAUDECODE", "PYTHONPATH", "LD_PRELOAD"}
@@ -38,13 +40,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class WorkspaceType(StrEnum):
-    """Where /workspace comes from."""
-
-    EPHEMERAL = "ephemeral"  # a fresh volume, deleted with the session
-    PERSISTENT = "persistent"  # a named volume of the owner's, kept across sessions
-
-
 class PermissionMode(StrEnum):
     """The CLI's ``--permission-mode`` choices (2.1.x; ``default`` is an alias of ``manual``)."""
 
@@ -57,19 +52,18 @@ class PermissionMode(StrEnum):
     AUTO = "auto"
 
 
-class SpawnWorkspaceType(StrEnum):
-    """Where a spawned child's /workspace comes from."""
-
-    INHERIT = "inherit"  # the parent's own workspace volume, shared
-    CLONE = "clone"  # a copy of the parent's workspace at spawn time
-    EPHEMERAL = "ephemeral"  # empty
-
-
 class WorkspaceSpec(_Strict):
     """``{type: ephemeral|persistent, id?}``; a persistent workspace needs an ``id``."""
 
     type: WorkspaceType = WorkspaceType.EPHEMERAL
     id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+    @field_validator("type")
+    @classmethod
+    def _root_types(cls, value: WorkspaceType) -> WorkspaceType:
+        if value not in (WorkspaceType.EPHEMERAL, WorkspaceType.PERSISTENT):
+            raise ValueError("a session's workspace type is 'ephemeral' or 'persistent'")
+        return value
 
     @model_validator(mode="after")
     def _id_matches_type(self) -> WorkspaceSpec:
@@ -129,7 +123,16 @@ class SessionCreate(_Strict):
 class SpawnWorkspace(_Strict):
     """``{type: inherit|clone|ephemeral}``."""
 
-    type: SpawnWorkspaceType = SpawnWorkspaceType.EPHEMERAL
+    type: WorkspaceType = WorkspaceType.EPHEMERAL
+
+    @field_validator("type")
+    @classmethod
+    def _child_types(cls, value: WorkspaceType) -> WorkspaceType:
+        if value is WorkspaceType.PERSISTENT:
+            raise ValueError(
+                "a spawned child's workspace type is 'inherit', 'clone' or 'ephemeral'"
+            )
+        return value
 
 
 class SpawnRequest(_Strict):

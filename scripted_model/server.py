@@ -16,6 +16,8 @@ prompt                      reply
 ``slow [SECONDS]``          text streamed in small pieces for SECONDS (default 30), with pings
 ``fail STATUS``             HTTP STATUS (529 overloaded, 500 api error, 429, 401, 400)
 ``big BYTES``               one text reply of BYTES characters (long stream-json lines)
+``deltas COUNT``            one text reply streamed as COUNT deltas of 4 characters (a burst of
+                            partial-message events)
 ``spawn [MODE] PROMPT``     the ccgate MCP tools: spawn_session(PROMPT, workspace MODE), then
                             wait_for_result, then "Child said: <its result>" (or
                             "Spawn failed: <tool error>"); MODE is inherit, clone or ephemeral
@@ -71,11 +73,13 @@ class Block:
 
 @dataclass
 class Reply:
-    """A scripted reply: content blocks, or an HTTP error; ``slow_s`` streams text slowly."""
+    """A scripted reply: content blocks, or an HTTP error; ``slow_s`` streams text slowly;
+    ``delta_size`` streams text in deltas of that many characters (default 64 KiB)."""
 
     blocks: list[Block] = field(default_factory=list)
     error_status: int | None = None
     slow_s: float = 0.0
+    delta_size: int = 65536
 
     @property
     def stop_reason(self) -> str:
@@ -190,6 +194,10 @@ def script_reply(body: dict[str, Any]) -> Reply:
     if word == "fail":
         status = int(rest) if rest.isdigit() else 500
         return Reply(error_status=status)
+    if word == "deltas":
+        count = int(rest) if rest.isdigit() else 15_000
+        return Reply([Block("text", text="".join(f"{n % 10000:04d}" for n in range(count)))],
+                     delta_size=4)  # fmt: skip
     if word == "big":
         size = int(rest) if rest.isdigit() else 1_500_000
         return Reply([Block("text", text=("0123456789abcdef" * (size // 16 + 1))[:size])])
@@ -294,8 +302,9 @@ async def _stream(body: dict[str, Any], reply: Reply) -> AsyncIterator[bytes]:
                         {"type": "content_block_delta", "index": index, "delta": delta},
                     )
             text = block.text
-            for start in range(0, len(text), 65536):
-                delta = {"type": "text_delta", "text": text[start : start + 65536]}
+            step = reply.delta_size
+            for start in range(0, len(text), step):
+                delta = {"type": "text_delta", "text": text[start : start + step]}
                 yield _sse(
                     "content_block_delta",
                     {"type": "content_block_delta", "index": index, "delta": delta},

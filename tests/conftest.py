@@ -36,7 +36,7 @@ def service_containers() -> Iterator[None]:
     require_images()
     remove_leftovers()
     yield
-    remove_leftovers()
+    remove_leftovers(own=True)
 
 
 @pytest.fixture(scope="session")

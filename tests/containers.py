@@ -5,7 +5,7 @@ Redis, PostgreSQL and the S3 stand-in (moto) run from images built locally by
 registry-free Debian base as the session image: nothing is pulled. testcontainers' reaper
 (Ryuk) is an image from a registry too, so it is disabled; these fixtures remove their
 containers themselves, and :func:`remove_leftovers` removes those of a run that was killed
-(every container carries the label ``ccgate.test-service``).
+(every container carries the label ``ccgate.test-service`` and its run's host and pid).
 
 Each server publishes its port on all host addresses, so session containers reach it through
 ``host.docker.internal`` like a server on the host. Tests that restart a server on the same
@@ -14,10 +14,12 @@ port (tests/servers.py ``RedisServer``) keep using processes.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass
 
 import docker
@@ -34,14 +36,35 @@ IMAGES = {
 }
 
 
-def remove_leftovers() -> int:
-    """Remove service containers a previous, killed run left behind; returns how many."""
-    client = docker.from_env()
+RUN = f"{socket.gethostname()}:{os.getpid()}"
+"""This run's mark on its containers (host and pid of the pytest process)."""
+
+
+def _run_is_alive(run: str) -> bool:
+    host, _, pid = run.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine's run: not ours to judge
     try:
-        leftovers = client.containers.list(all=True, filters={"label": LABEL})
-        for container in leftovers:
-            container.remove(force=True)
-        return len(leftovers)
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(*, own: bool = False) -> int:
+    """Remove service containers of runs that died (their pytest process is gone), or with
+    ``own`` this run's; a run going on beside this one keeps its servers. Returns how many."""
+    client = docker.from_env()
+    removed = 0
+    try:
+        for container in client.containers.list(all=True, filters={"label": LABEL}):
+            run = container.labels.get(f"{LABEL}.run", "")
+            if (own and run == RUN) or (not own and run != RUN and not _run_is_alive(run)):
+                container.remove(force=True)
+                removed += 1
+        return removed
     finally:
         client.close()
 
@@ -82,7 +105,7 @@ class _Service:
 
     def _run(self, kind: str, internal_port: int, command: list[str] | None = None) -> None:
         container = DockerContainer(IMAGES[kind]).with_exposed_ports(internal_port)
-        container = container.with_kwargs(labels={LABEL: kind})
+        container = container.with_kwargs(labels={LABEL: kind, f"{LABEL}.run": RUN})
         if command is not None:
             container = container.with_command(command)
         self.container = container.start()
@@ -153,6 +176,16 @@ class PostgresContainer(_Service):
 
         _wait(accepting, "postgres container")
         return self
+
+    def new_database(self) -> str:
+        """Create an empty database of its own for one test; returns its asyncpg URL."""
+        assert self.container is not None
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        code, output = self.container.exec(
+            ["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", f"CREATE DATABASE {name}"]
+        )
+        assert code == 0, output
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{name}"
 
 
 @dataclass

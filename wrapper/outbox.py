@@ -14,6 +14,7 @@ wrapper or the container loses nothing; a crash of the whole machine may lose th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -108,5 +109,7 @@ class Outbox:
             self._cursor = None
 
     def close(self) -> None:
-        """Close the journal file."""
-        self._journal.close()
+        """Close the journal file (a full disk may refuse the last buffered bytes: they are
+        dropped here, the caller already knows the journal failed)."""
+        with contextlib.suppress(OSError):
+            self._journal.close()

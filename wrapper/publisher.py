@@ -125,6 +125,7 @@ class EventPublisher:
             except OSError as exc:
                 # Keep publishing from memory so the failure itself can be reported.
                 logger.error("outbox: cannot journal event %d: %s", self._last_seq, exc)
+                self._outbox.close()
                 self._outbox = None
                 self.journal_error = str(exc)
                 self._spill_from = None

@@ -33,6 +33,21 @@ def _ts(**kw: Any) -> Any:
     return Field(sa_column=Column(DateTime(timezone=True), **kw))
 
 
+class WorkspaceType(StrEnum):
+    """Where a session's /workspace comes from (the one workspace enum: the API, the services
+    and the ``session.workspace_type`` column all use it)."""
+
+    EPHEMERAL = "ephemeral"  # a fresh volume, deleted with the session
+    PERSISTENT = "persistent"  # a named volume of the owner's, kept across sessions
+    INHERIT = "inherit"  # a child shares its parent's workspace volume
+    CLONE = "clone"  # a child gets a copy of its parent's workspace, made at spawn time
+
+    @property
+    def shared(self) -> bool:
+        """True when the volume belongs to someone else and outlives this session."""
+        return self in (WorkspaceType.PERSISTENT, WorkspaceType.INHERIT)
+
+
 class SessionStatus(StrEnum):
     """Persisted session lifecycle: starting -> idle <-> running -> stopped | failed."""
 
@@ -71,7 +86,8 @@ class Session(SQLModel, table=True):
     owner: str = Field(index=True, max_length=255)
     status: SessionStatus = Field(default=SessionStatus.STARTING, index=True)
     container_id: str | None = Field(default=None, max_length=80)
-    workspace_type: str = Field(default="ephemeral", max_length=20)
+    workspace_type: str = Field(default=WorkspaceType.EPHEMERAL, max_length=20)
+    """A WorkspaceType value."""
     workspace_id: str | None = Field(default=None, max_length=128)
     workspace_volume: str = Field(max_length=200)
     config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))

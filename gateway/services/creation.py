@@ -17,6 +17,7 @@ from gateway.auth import Principal
 from gateway.db.models import (
     Session,
     SpawnTree,
+    WorkspaceType,
 )
 from gateway.errors import (
     Conflict,
@@ -35,7 +36,7 @@ class _NewSession:
 
     owner: str
     parent: Session | None
-    workspace_type: str  # ephemeral | persistent | inherit | clone
+    workspace_type: WorkspaceType
     workspace_id: str | None
     config: SessionConfig
     prompt: str | None = None
@@ -64,7 +65,7 @@ class Creation(Provisioning, TurnOps):
             _NewSession(
                 owner=parent.owner if parent else principal.user,
                 parent=parent,
-                workspace_type=body.workspace.type.value,
+                workspace_type=body.workspace.type,
                 workspace_id=body.workspace.id,
                 config=config,
             ),
@@ -77,7 +78,7 @@ class Creation(Provisioning, TurnOps):
             _NewSession(
                 owner=parent.owner,
                 parent=parent,
-                workspace_type=body.workspace.type.value,
+                workspace_type=body.workspace.type,
                 workspace_id=None,
                 config=_inherit(parent, body.config),
                 prompt=body.prompt,
@@ -100,7 +101,7 @@ class Creation(Provisioning, TurnOps):
             raise Conflict(f"parent session {parent.id} is {parent.status.value}")
         sid = str(uuid.uuid4())
         cfg = new.config
-        if new.workspace_type == "inherit" and parent is not None:
+        if new.workspace_type is WorkspaceType.INHERIT and parent is not None:
             volume = parent.workspace_volume
         else:
             volume = workspace_volume_name(new.owner, new.workspace_type, new.workspace_id, sid)

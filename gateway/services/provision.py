@@ -14,6 +14,7 @@ from gateway.db.models import (
     Session,
     SpawnTree,
     Turn,
+    WorkspaceType,
 )
 from gateway.errors import (
     GatewayError,
@@ -26,13 +27,11 @@ from wrapper.protocol import SessionSpec
 
 CONFIG_MOUNT = "/home/claude/.claude"
 WORKSPACE_MOUNT = "/workspace"
-# Workspace types whose volume belongs to someone else and survives this session.
-_SHARED_WORKSPACES = ("persistent", "inherit")
 
 
 def workspace_volume_name(owner: str, ws_type: str, ws_id: str | None, sid: str) -> str:
     """Docker volume of a workspace; persistent ones are namespaced by a hash of the owner."""
-    if ws_type == "persistent" and ws_id:
+    if ws_type == WorkspaceType.PERSISTENT and ws_id:
         owner_hash = hashlib.sha256(owner.encode()).hexdigest()[:16]
         return f"ccgate-pws-{owner_hash}-{ws_id}"
     return f"ccgate-ws-{sid}"
@@ -66,12 +65,13 @@ class Provisioning(ServiceBase):
         )
         await self.runtime.ensure_network(self.settings.docker_network)
         labels = {LABEL_SESSION: sid, LABEL_OWNER: owner}
-        if session.workspace_type == "persistent":
+        kind = WorkspaceType(session.workspace_type)
+        if kind is WorkspaceType.PERSISTENT:
             ws_labels = {LABEL_OWNER: owner, LABEL_WORKSPACE: session.workspace_id or ""}
             await self.runtime.create_volume(session.workspace_volume, ws_labels)
-        elif session.workspace_type != "inherit":
+        elif kind is not WorkspaceType.INHERIT:
             await self.runtime.create_volume(session.workspace_volume, labels)
-            if session.workspace_type == "clone" and parent is not None:
+            if kind is WorkspaceType.CLONE and parent is not None:
                 await self.runtime.copy_volume(
                     parent.workspace_volume,
                     session.workspace_volume,
@@ -139,7 +139,7 @@ class Provisioning(ServiceBase):
     async def _remove_resources(self, session: Session, *, quiet: bool) -> None:
         """Remove the container and the session's own volumes (never a shared workspace)."""
         volumes = [config_volume_name(session.id)]
-        if session.workspace_type not in _SHARED_WORKSPACES:
+        if not WorkspaceType(session.workspace_type).shared:
             volumes.append(session.workspace_volume)
         steps = [self.runtime.remove(session.container_id or f"ccgate-{session.id}")]
         steps += [self.runtime.remove_volume(v) for v in volumes]

@@ -176,6 +176,22 @@ async def notify(
         await client.rpush(control_key(session_id), message.to_json())
 
 
+async def unpersisted(client: aioredis.Redis, session_id: str) -> int:
+    """Entries of the session's stream the ledger has not persisted yet: read but not
+    acknowledged, plus not read (Redis 7 ``XINFO GROUPS`` ``pending`` + ``lag``); 0 when the
+    stream or its group does not exist."""
+    with _redis_errors():
+        try:
+            groups = await client.xinfo_groups(events_key(session_id))
+        except ResponseError:
+            return 0
+    for group in groups:
+        name = group.get("name")
+        if (name.decode() if isinstance(name, bytes) else name) == LEDGER_GROUP:
+            return int(group.get("pending") or 0) + int(group.get("lag") or 0)
+    return 0
+
+
 def turn_recorded_notice(session_id: str, message_id: str) -> bytes:
     """The non-envelope notice (no ``seq``) that a turn's result and artifacts are recorded."""
     return json.dumps(
@@ -212,4 +228,5 @@ __all__ = [
     "store_token",
     "token_ttl",
     "turn_recorded_notice",
+    "unpersisted",
 ]

@@ -18,10 +18,12 @@ from gateway.db.models import (
     SessionStatus,
     SpawnTree,
     Turn,
+    TurnStatus,
     utcnow,
 )
 from gateway.services import family, session_redis, tree
 from gateway.services.provision import Provisioning
+from gateway.services.runtime import ContainerState
 from gateway.services.session_base import logger
 from wrapper.protocol import EventType
 
@@ -47,8 +49,11 @@ class Shutdown(Provisioning):
         db.add(session)
         await db.commit()
         if session.container_id:
+            info = await self.runtime.inspect(session.container_id)
             await self.runtime.stop(session.container_id, timeout_s=self.settings.stop_timeout_s)
-            await self._await_recorded(session.id)
+            if info is not None and info.state is ContainerState.RUNNING:
+                # Only a wrapper that was alive says ``exited``; a dead one has nothing to record.
+                await self._await_recorded(session.id)
             await self.runtime.remove(session.container_id)
         await session_redis.drain_turns(self.redis, session.id)
         await session_redis.revoke_access(self.redis, session.id)
@@ -71,19 +76,27 @@ class Shutdown(Provisioning):
                 await self.stop(db=db, session=child)
 
     async def _await_recorded(self, session_id: str) -> None:
-        """Wait until the ledger applied the session's ``exited`` and recorded every turn."""
+        """Wait until the ledger has persisted everything the stopped container published (its
+        stream has no unread or unacknowledged entry) and copied every finished turn's files.
+
+        The container is stopped, so nothing more arrives: this does not depend on the wrapper
+        having said ``exited`` (a killed one never does)."""
         deadline = time.monotonic() + self.settings.stop_record_timeout_s
         while time.monotonic() < deadline:
+            backlog = await session_redis.unpersisted(self.redis, session_id)
             async with self.db_factory() as db:
-                current = await db.get(Session, session_id)
-                unrecorded = (
+                collecting = (
                     await db.exec(
                         select(func.count())
                         .select_from(Turn)
-                        .where(Turn.session_id == session_id, col(Turn.recorded_at).is_(None))
+                        .where(
+                            Turn.session_id == session_id,
+                            col(Turn.status).not_in([TurnStatus.QUEUED, TurnStatus.RUNNING]),
+                            col(Turn.recorded_at).is_(None),
+                        )
                     )
                 ).one()
-            if current is None or (not current.status.live and not unrecorded):
+            if not backlog and not collecting:
                 return
             await asyncio.sleep(0.05)
         logger.warning("stop: the ledger had not recorded %s in time; removing anyway", session_id)

@@ -13,6 +13,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from scripted_model import ScriptedModelServer
+from tests.conftest import make_settings
 from tests.containers import PostgresContainer, RedisContainer
 from tests.e2e.test_streaming_resilience import (
     _completed,
@@ -21,7 +22,7 @@ from tests.e2e.test_streaming_resilience import (
     _replica_settings,
     _token,
 )
-from tests.servers import GatewayProcess, RedisServer
+from tests.servers import GatewayProcess, GatewayServer, RedisServer
 
 pytestmark = pytest.mark.e2e
 
@@ -125,3 +126,60 @@ async def test_a_gateway_killed_mid_turn_is_replaced_and_nothing_is_lost(
         gateway.kill()
         if replacement is not None:
             replacement.stop()
+
+
+async def test_a_burst_of_15000_partial_messages_reaches_the_history_complete(
+    tmp_path: Path,
+    redis_server: RedisContainer,
+    postgres_server: PostgresContainer,
+    scripted_model: ScriptedModelServer,
+    docker_client: Any,
+) -> None:
+    """One real turn of 15,000 deltas, a stream cap of 100: nothing is trimmed before it is
+    persisted, so GET /events has every seq once (it used to keep 10,219 with a gap)."""
+    settings = make_settings(
+        tmp_path,
+        database_url=postgres_server.url,
+        redis_url=redis_server.url,
+        anthropic_base_url=f"http://host.docker.internal:{scripted_model.port}",
+        anthropic_api_key="sk-ant-scripted",
+        stream_maxlen=100,
+    )
+    gateway = GatewayServer(settings).start()
+    token = _token(f"test-{uuid.uuid4().hex[:8]}")
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        async with httpx.AsyncClient(base_url=gateway.url, headers=headers, timeout=120) as http:
+            sid = (
+                await http.post(
+                    "/api/v1/sessions", json={"config": {"include_partial_messages": True}}
+                )
+            ).json()["session_id"]
+            r = await http.post(
+                f"/api/v1/sessions/{sid}/chat",
+                json={"prompt": "deltas 15000", "stream": False, "timeout_seconds": 240},
+            )
+            assert r.status_code == 200, r.text
+            assert len(r.json()["result"]) == 60_000
+            seqs: list[int] = []
+            kinds: dict[str, int] = {}
+            after = 0
+            while True:
+                page = (
+                    await http.get(
+                        f"/api/v1/sessions/{sid}/events",
+                        params={"after_seq": after, "limit": 1000},
+                    )
+                ).json()
+                for event in page["events"]:
+                    assert event["type"] != "gap", event
+                    seqs.append(event["seq"])
+                    kinds[event["type"]] = kinds.get(event["type"], 0) + 1
+                after = page["next_after_seq"]
+                if not page["has_more"]:
+                    break
+            assert seqs == list(range(1, len(seqs) + 1))
+            assert kinds.get("stream_event", 0) >= 15_000, kinds
+            await http.delete(f"/api/v1/sessions/{sid}")
+    finally:
+        gateway.stop()

@@ -452,7 +452,8 @@ class Ledger:
         keep = self._settings.stream_maxlen
         threshold = min(watermark + 1, acked_seq - keep + 1)
         self._trimmed_at[sid] = time.monotonic()
-        self._trimmed_seq[sid] = acked_seq
+        # Held back by an entry still pending: the next idle pass tries again.
+        self._trimmed_seq[sid] = acked_seq if watermark >= acked_seq - keep else watermark
         if threshold > 1:
             await self._redis.xtrim(stream, minid=f"{threshold}-0", approximate=keep >= 1000)
 

@@ -64,3 +64,11 @@ def test_a_callback_longer_than_its_column_is_refused_on_every_database() -> Non
         SpawnRequest.model_validate(
             {"prompt": "hi", "callback": "https://example.test/" + "a" * 2050}
         )
+
+
+def test_one_workspace_enum_with_the_types_each_request_allows() -> None:
+    with pytest.raises(ValidationError, match="'ephemeral' or 'persistent'"):
+        WorkspaceSpec.model_validate({"type": "clone"})
+    with pytest.raises(ValidationError, match="'inherit', 'clone' or 'ephemeral'"):
+        SpawnRequest.model_validate({"prompt": "hi", "workspace": {"type": "persistent"}})
+    assert SpawnRequest.model_validate({"prompt": "hi", "workspace": {"type": "clone"}})
