@@ -365,3 +365,30 @@ async def test_a_stream_deleted_under_the_ledger_does_not_crash_it(
     state = ledger._supervisor.states["ledger"]
     assert state.restarts == 0, state.last_error
     await client.aclose()
+
+
+async def test_replicas_trim_by_the_groups_watermark_not_their_own_acks(
+    engine: AsyncEngine, redis_server: RedisContainer, make_ledger: LedgerFactory
+) -> None:
+    """Two replicas share a session's entries; the stream still shrinks to the cap once all
+    of them are persisted, whichever replica acknowledged the newest."""
+    db_factory = make_db_factory(engine)
+    client = aioredis.Redis.from_url(redis_server.url)
+    sid = await _session(db_factory)
+    await ensure_ledger_group(client, sid)
+    publisher = EventPublisher(client, sid)
+    await publisher.start()
+    await make_ledger(sid, stream_maxlen=10)
+    await make_ledger(sid, stream_maxlen=10_000)  # acknowledges, but would keep everything
+    for burst in range(1, 4):
+        for n in range(100):
+            publisher.emit("x", json.dumps({"n": n}), source=EventSource.CLI, turn_id=None)
+        await publisher.flush(5)
+        await _wait_for(lambda b=burst: _equal(_event_count(db_factory, sid), 100 * b))
+    await _wait_for(lambda: _stream_at_most(client, sid, 10), timeout_s=10)
+    await publisher.close(1)
+    await client.aclose()
+
+
+async def _stream_at_most(client: aioredis.Redis, sid: str, limit: int) -> bool:
+    return int(await client.xlen(events_key(sid))) <= limit

@@ -436,24 +436,32 @@ class Ledger:
                 await self._trim(sid, acked)
 
     async def _trim(self, sid: str, acked_seq: int) -> None:
-        """Trim the stream below the persisted watermark, keeping ``stream_maxlen`` entries
-        up to it: an entry still pending (on any replica) is never trimmed."""
+        """Trim the stream below the group's persisted watermark, keeping the newest
+        ``stream_maxlen`` entries: an entry not yet read, or read and still pending on any
+        replica, is never trimmed. The watermark is the group's, not this replica's: entries
+        another replica acknowledged count too."""
         stream = events_key(sid)
         try:
+            groups = await self._redis.xinfo_groups(stream)
             summary = await self._redis.xpending(stream, LEDGER_GROUP)
+            newest = await self._redis.xrevrange(stream, count=1)
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            if "NOGROUP" not in str(exc) and "no such key" not in str(exc).lower():
                 raise
             self._acked.pop(sid, None)  # the stream is gone (session deleted)
             return
-        watermark = acked_seq
+        group = next((g for g in groups if _text(g.get("name")) == LEDGER_GROUP), None)
+        if group is None or not newest:
+            return
+        last = _seq_of_id(_text(newest[0][0]))
+        watermark = _seq_of_id(_text(group.get("last-delivered-id") or "0-0"))
         if summary and int(summary.get("pending") or 0) > 0 and summary.get("min"):
             watermark = min(watermark, _seq_of_id(_text(summary["min"])) - 1)
         keep = self._settings.stream_maxlen
-        threshold = min(watermark + 1, acked_seq - keep + 1)
+        threshold = min(watermark + 1, last - keep + 1)
         self._trimmed_at[sid] = time.monotonic()
-        # Held back by an entry still pending: the next idle pass tries again.
-        self._trimmed_seq[sid] = acked_seq if watermark >= acked_seq - keep else watermark
+        # Held back by entries not yet persisted: the next idle pass tries again.
+        self._trimmed_seq[sid] = max(acked_seq, last) if watermark >= last - keep else watermark
         if threshold > 1:
             await self._redis.xtrim(stream, minid=f"{threshold}-0", approximate=keep >= 1000)
 
