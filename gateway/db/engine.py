@@ -4,8 +4,9 @@ Handles are short-lived: every request, stream and background task opens one for
 queries and closes it (``async with db_factory() as db``), so a connection is held only while a
 transaction runs, never while a client or a turn is awaited.
 
-SQLite runs in WAL mode with a busy timeout, so readers never block the writer and a writer
-waits (``CCGATE_DB_BUSY_TIMEOUT_S``) instead of failing at once when another one commits.
+SQLite runs in WAL mode with a 30 s busy timeout, so readers never block the writer and a
+writer waits instead of failing at once when another one commits; foreign keys are enforced, as
+on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
+    # Foreign keys as on PostgreSQL: an event of a session deleted meanwhile is refused, not
+    # left behind as an orphan.
+    cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
 

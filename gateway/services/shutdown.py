@@ -111,12 +111,23 @@ class Shutdown(Provisioning):
         await self._remove_resources(session, quiet=False)
         await session_redis.purge(self.redis, session.id)
         await self.store.delete_session(session.id)
-        await tree.lock_tree(db, session.root_id)
-        for table in (Event, Artifact, Turn, DeadLetter):
-            await db.exec(delete(table).where(col(table.session_id) == session.id))
-        if session.parent_session_id is None:
-            await db.exec(delete(SpawnTree).where(col(SpawnTree.root_id) == session.id))
-        row = await db.get(Session, session.id)
-        if row is not None:
-            await db.delete(row)
+        await delete_rows(db, session)
         await db.commit()
+
+
+async def delete_rows(db: AsyncSession, session: Session) -> None:
+    """Delete a session's rows (events, artifacts, turns, dead letters, its tree if it is a
+    root, the session) in the current transaction; the caller commits.
+
+    The session row is locked first (after the tree, per the lock order): a ledger insert of
+    its events waits for this transaction and then fails its foreign key (and leaves the
+    events out, persister.py), instead of slipping in between the DELETEs and breaking the
+    session's own DELETE with a foreign-key error.
+    """
+    await tree.lock_tree(db, session.root_id)
+    await db.exec(select(Session.id).where(col(Session.id) == session.id).with_for_update())
+    for table in (Event, Artifact, Turn, DeadLetter):
+        await db.exec(delete(table).where(col(table.session_id) == session.id))
+    if session.parent_session_id is None:
+        await db.exec(delete(SpawnTree).where(col(SpawnTree.root_id) == session.id))
+    await db.exec(delete(Session).where(col(Session.id) == session.id))

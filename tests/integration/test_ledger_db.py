@@ -25,6 +25,7 @@ from gateway.services.history import read_page
 from gateway.services.ledger import Ledger
 from gateway.services.runtime.docker import DockerRuntime
 from gateway.services.session_redis import ensure_ledger_group
+from gateway.services.shutdown import delete_rows
 from gateway.supervisor import Supervisor
 from tests.containers import PostgresContainer, RedisContainer
 from wrapper.protocol import LEDGER_GROUP, EventSource, events_key
@@ -392,3 +393,46 @@ async def test_replicas_trim_by_the_groups_watermark_not_their_own_acks(
 
 async def _stream_at_most(client: aioredis.Redis, sid: str, limit: int) -> bool:
     return int(await client.xlen(events_key(sid))) <= limit
+
+
+async def test_events_of_a_session_deleted_meanwhile_are_dropped_without_an_error(
+    engine: AsyncEngine,
+) -> None:
+    """Delete racing the persister: no foreign-key error, no orphan rows, the batch's other
+    sessions are written."""
+    from gateway.services.ledger.persister import parse_entry, persist_events
+    from wrapper.protocol import encode_envelope
+
+    db_factory = make_db_factory(engine)
+    for _ in range(20):
+        gone, kept = await _session(db_factory), await _session(db_factory)
+
+        def entries(sid: str) -> list[Any]:
+            return [
+                parse_entry(
+                    sid,
+                    f"{seq}-0",
+                    encode_envelope(
+                        seq=seq,
+                        session_id=sid,
+                        turn_id=None,
+                        event_type="x",
+                        data_json="{}",
+                        source=EventSource.CLI,
+                    ).encode(),
+                )
+                for seq in range(1, 51)
+            ]
+
+        async def delete_gone(sid: str = gone) -> None:
+            async with db_factory() as db:  # the database part of SessionService.delete
+                row = await db.get(Session, sid)
+                assert row is not None
+                await delete_rows(db, row)
+                await db.commit()
+
+        await asyncio.gather(
+            persist_events(db_factory, entries(gone) + entries(kept)), delete_gone()
+        )
+        assert await _event_count(db_factory, kept) == 50
+        assert await _event_count(db_factory, gone) == 0  # no orphan, whatever the order

@@ -35,6 +35,7 @@ from gateway.db.models import Artifact, Session, Turn, utcnow
 from gateway.errors import DependencyUnavailable, GatewayError
 from gateway.metrics import Metrics
 from gateway.services.artifacts import ArtifactStore, safe_relative_path
+from gateway.services.ledger.lifecycle import earlier_unrecorded
 from gateway.services.runtime import ContainerRuntime
 from gateway.services.session_redis import announce_turn_recorded
 
@@ -65,6 +66,7 @@ class ArtifactCollector:
         queue_size: int = 1000,
         max_attempts: int = 5,
         stale_s: float = 60.0,
+        order_wait_s: float = 30.0,
     ) -> None:
         self._db = db_factory
         self._runtime = runtime
@@ -77,6 +79,7 @@ class ArtifactCollector:
         self._locks: dict[str, asyncio.Lock] = {}
         self._max_attempts = max_attempts
         self._stale = timedelta(seconds=stale_s)
+        self._order_wait_s = order_wait_s
 
     @property
     def depth(self) -> int:
@@ -171,8 +174,20 @@ class ArtifactCollector:
                     session_id=session_id, path=path, size=size, sha256=digest, turn_id=turn_id
                 )
             )
+        await self._after_earlier_turns(turn)
         await self._record(session_id, turn_id, collected, problems)
         self._metrics.artifact_seconds.observe(time.monotonic() - started)
+
+    async def _after_earlier_turns(self, turn: Turn) -> None:
+        """Turns are recorded in order. In this process the per-session lock already orders
+        them; an earlier turn collected by another replica is waited for (at most
+        ``order_wait_s``, then recorded anyway: a dead replica's job is re-run by recovery)."""
+        deadline = time.monotonic() + self._order_wait_s
+        while time.monotonic() < deadline:
+            async with self._db() as db:
+                if not await earlier_unrecorded(db, turn):
+                    return
+            await asyncio.sleep(0.1)
 
     def _sink(self, session_id: str, path: str) -> Any:
         store = self._store

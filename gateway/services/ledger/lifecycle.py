@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import func
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.db.models import Session, SessionStatus, Turn, TurnStatus, utcnow
@@ -97,7 +99,7 @@ async def apply_lifecycle(
         turn = await _complete_turn(db, session, turn_id, data)
         if turn is not None:
             applied.finished = turn
-            if turn.pending_files:
+            if turn.pending_files is not None:
                 applied.collect_turn = turn.id
             else:
                 applied.recorded_turn = turn.id
@@ -161,8 +163,12 @@ async def _complete_turn(
     turn.duration_ms = _int(data.get("duration_ms"))
     turn.completed_at = now
     files = [f for f in data.get("files") or [] if isinstance(f, dict)]
-    turn.pending_files = files or None
-    turn.recorded_at = None if files else now
+    # Turns are recorded in order: one without files still goes through the collector when an
+    # earlier turn's files are being copied, so "recorded" never overtakes an earlier turn.
+    if files or await earlier_unrecorded(db, turn):
+        turn.pending_files, turn.recorded_at = files, None
+    else:
+        turn.pending_files, turn.recorded_at = None, now
     if isinstance(total, int | float) and not isinstance(total, bool):
         previous = session.total_cost_usd
         turn.total_cost_usd = float(total)
@@ -198,6 +204,23 @@ async def _on_exited(
         reason="stopped" if status is SessionStatus.STOPPED else "exited",
     )
     return status if ended else None
+
+
+async def earlier_unrecorded(db: AsyncSession, turn: Turn) -> int:
+    """Finished turns of the same session, older than ``turn``, whose files are still being
+    copied (final, not yet recorded)."""
+    rows = await db.exec(
+        select(func.count())
+        .select_from(Turn)
+        .where(
+            Turn.session_id == turn.session_id,
+            Turn.id != turn.id,
+            col(Turn.created_at) <= turn.created_at,
+            col(Turn.status).not_in([TurnStatus.QUEUED, TurnStatus.RUNNING]),
+            col(Turn.recorded_at).is_(None),
+        )
+    )
+    return int(rows.one())
 
 
 def _short(value: Any, limit: int = 64) -> str | None:
