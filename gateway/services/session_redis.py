@@ -30,20 +30,31 @@ from wrapper.protocol import (
     token_key,
 )
 
-# What a session container may do: its own keys and channels, no admin or dangerous commands.
-_ACL_CATEGORIES = [
-    "-@all",
-    "+@read",
-    "+@write",
-    "+@stream",
-    "+@list",
-    "+@string",
-    "+@pubsub",
-    "+@connection",
-    "+@scripting",
-    "-@dangerous",
-    "-@admin",
-]
+# What a session container may do, command by command: exactly what the wrapper needs, on its own
+# keys and channels. Nothing that enumerates (SCAN, KEYS, RANDOMKEY, PUBSUB CHANNELS: key patterns
+# do not filter those), nothing administrative. Scripts run with these same rights.
+SESSION_COMMANDS = (
+    # connecting (redis-py sends these itself; its CLIENT SETINFO, unknown to Redis 7.0, may fail)
+    "+auth",
+    "+hello",
+    "+ping",
+    "+client|setname",
+    "+select",
+    "+quit",
+    "+reset",
+    # the spec and the session token
+    "+get",
+    # turns and control messages
+    "+blpop",
+    # events: the append-and-publish script, and where a restarted wrapper continues
+    "+evalsha",
+    "+eval",
+    "+script|load",
+    "+script|exists",
+    "+xadd",
+    "+publish",
+    "+xrevrange",
+)
 
 
 def acl_password(secret: str, session_id: str) -> str:
@@ -70,7 +81,8 @@ async def _set_acl_user(client: aioredis.Redis, session_id: str, password: str) 
         passwords=[f"+{password}"],
         keys=[f"{prefix}*"],
         channels=[f"{prefix}*"],
-        categories=_ACL_CATEGORIES,
+        categories=["-@all"],
+        commands=list(SESSION_COMMANDS),
     )
 
 

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import NoPermissionError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from gateway.services import session_redis
 from tests.containers import RedisContainer
@@ -39,6 +39,22 @@ async def test_a_session_user_is_confined_to_its_own_keys_and_channels(
         await container.keys("*")
     with pytest.raises(NoPermissionError):
         await container.flushall()
+    # Key patterns do not filter enumeration: these would list other tenants' sessions.
+    for enumerate_ in (
+        container.scan(0, match="ccgate:*"),
+        container.randomkey(),
+        container.pubsub_channels(),
+        container.execute_command("PUBSUB", "NUMPAT"),
+        container.acl_list(),
+        container.config_get("*"),
+        container.info(),
+        container.client_list(),
+    ):
+        with pytest.raises(NoPermissionError):
+            await enumerate_
+    # A script runs with the same rights: no way around the list through EVAL.
+    with pytest.raises(ResponseError, match="can't run this command"):
+        await container.eval("return redis.call('SCAN', '0')", 0)
     await container.aclose()
 
     # Redis lost its ACL rules (a restart): the same credentials work once re-created.
