@@ -9,6 +9,7 @@ artifacts in a local directory (set ``CCGATE_S3_ENDPOINT`` for S3/MinIO), Docker
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import secrets
 from enum import StrEnum
 from functools import cached_property
@@ -126,6 +127,10 @@ class Settings(BaseSettings):
     """How session containers reach the gateway (ccgate MCP tools); default
     ``http://host.docker.internal:<port>``. The gateway must listen where containers reach it."""
     session_token_ttl_s: int = 3600
+    callback_allowed_networks: list[str] = Field(default_factory=list)
+    """CIDRs that spawn callbacks may reach although they are loopback, private or link-local
+    (e.g. ``["10.20.0.0/16"]`` for an internal webhook receiver); default: public addresses only.
+    In the environment: a JSON list."""
 
     anthropic_base_url: str | None = None
     anthropic_api_key: SecretStr | None = None
@@ -138,6 +143,20 @@ class Settings(BaseSettings):
     def _production_needs_secret(self) -> Settings:
         if self.environment is Environment.PRODUCTION and self.jwt_secret is None:
             raise ValueError("CCGATE_JWT_SECRET must be set when CCGATE_ENVIRONMENT=production")
+        return self
+
+    @cached_property
+    def callback_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """``callback_allowed_networks`` parsed."""
+        return [ipaddress.ip_network(c, strict=False) for c in self.callback_allowed_networks]
+
+    @model_validator(mode="after")
+    def _networks_parse(self) -> Settings:
+        for cidr in self.callback_allowed_networks:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"CCGATE_CALLBACK_ALLOWED_NETWORKS: {exc}") from exc
         return self
 
     @cached_property

@@ -9,6 +9,7 @@
     ├── Conflict                      409  e.g. chat on a stopped session
     │   └── SpawnRefused              409  a spawn limit (named, with its value) would be exceeded
     ├── InvalidRequest                422  input that passed the schema but cannot be honoured
+    │   └── CallbackRefused           422  a spawn callback aimed at a private or loopback address
     ├── TurnTimeout                   504  a stream=false chat waited longer than its timeout
     └── DependencyUnavailable         503  database, redis, storage or docker is down
         └── ContainerStartFailed      503  docker answered but the session container did not start
@@ -74,6 +75,12 @@ class InvalidRequest(GatewayError):
 
     status_code = 422
     code = "invalid_request"
+
+
+class CallbackRefused(InvalidRequest):
+    """A spawn callback URL is or resolves to an address the gateway must not call."""
+
+    code = "callback_refused"
 
 
 class TurnTimeout(GatewayError):

@@ -119,6 +119,9 @@ def full_stack_settings(
         "container_memory": "1g",
         "reaper_interval_s": 1.0,
         "reaper_grace_s": 3.0,
+        # The tests' callback receivers listen on loopback; every gateway sharing a ledger group
+        # must allow them (any replica may deliver a child's result).
+        "callback_allowed_networks": ["127.0.0.0/8"],
     }
     return make_settings(tmp, **(values | overrides))
 

@@ -25,6 +25,7 @@ from gateway.errors import (
 )
 from gateway.schemas import SessionConfig, SessionCreate, SpawnRequest
 from gateway.services import tree
+from gateway.services.callbacks import resolve_callback
 from gateway.services.provision import Provisioning, workspace_volume_name
 from gateway.services.turns import TurnOps
 from wrapper.protocol import EventType, SessionSpec
@@ -72,7 +73,12 @@ class Creation(Provisioning, TurnOps):
         )
 
     async def spawn(self, *, db: AsyncSession, parent: Session, body: SpawnRequest) -> Session:
-        """``POST /sessions/{id}/spawn``: a child that runs ``body.prompt`` exactly once."""
+        """``POST /sessions/{id}/spawn``: a child that runs ``body.prompt`` exactly once.
+
+        A ``callback`` that is or resolves to a loopback, private or link-local address is
+        refused (CallbackRefused, 422) before anything is created."""
+        if body.callback is not None:
+            await resolve_callback(str(body.callback), self.settings.callback_networks)
         return await self._create(
             db,
             _NewSession(

@@ -373,3 +373,27 @@ async def test_session_tokens_are_renewed_before_they_expire(
         await api.http.delete(f"/api/v1/sessions/{sid}")
         await api.http.aclose()
         gateway.stop()
+
+
+async def test_a_callback_to_a_private_address_is_refused_before_anything_is_created(
+    make_api: Any,
+) -> None:
+    """SSRF: only the networks the operator allowed (here 127.0.0.0/8, where the tests'
+    receivers listen) are reachable; nothing is created for a refused callback."""
+    api: Api = make_api()
+    root = (await api.http.post("/api/v1/sessions", json={})).json()["session_id"]
+    for target in (
+        "http://169.254.169.254/latest/meta-data",
+        "http://10.0.0.1/x",
+        "http://192.168.1.1:8080/x",
+        "http://[::1]:8000/x",
+    ):
+        r = await api.http.post(
+            f"/api/v1/sessions/{root}/spawn", json={"prompt": "echo hi", "callback": target}
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["code"] == "callback_refused"
+    children = (await api.http.get(f"/api/v1/sessions/{root}/children")).json()["children"]
+    assert children == []
+    tree = (await api.http.get(f"/api/v1/sessions/{root}/tree")).json()
+    assert tree["tree_counters"]["sessions_created"] == 1

@@ -47,3 +47,8 @@ def test_only_the_gateway_gets_the_docker_socket_and_redis_joins_the_sessions_ne
         assert not any("docker.sock" in v for v in services[name].get("volumes", []))
     assert "sessions" in services["redis"]["networks"]
     assert "networks" not in services["postgres"] and "networks" not in services["minio"]
+
+
+def test_the_sessions_network_keeps_session_containers_apart() -> None:
+    sessions = _compose()["networks"]["sessions"]
+    assert sessions["driver_opts"]["com.docker.network.bridge.enable_icc"] == "false"

@@ -410,7 +410,14 @@ class Ledger:
             except DependencyUnavailable as exc:
                 logger.warning("ledger: could not tell %s: %s", child.parent_session_id, exc)
         if child.callback_url:
-            task = asyncio.create_task(post_callback(child.callback_url, event, payload))
+            task = asyncio.create_task(
+                post_callback(
+                    child.callback_url,
+                    event,
+                    payload,
+                    allowed=self._settings.callback_networks,
+                )
+            )
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
