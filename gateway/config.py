@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     container_memory: str = "2g"
     container_cpus: float = 1.0
     container_pids: int = 512
+    container_nofile: int = Field(default=4096, ge=256, le=1_048_576)
+    """Open files per session container (soft and hard limit)."""
     container_extra_hosts: dict[str, str] = Field(
         default_factory=lambda: {"host.docker.internal": "host-gateway"}
     )

@@ -93,6 +93,7 @@ class Provisioning(ServiceBase):
                 memory=self.settings.container_memory,
                 cpus=self.settings.container_cpus,
                 pids=self.settings.container_pids,
+                nofile=self.settings.container_nofile,
                 extra_hosts=self.settings.container_extra_hosts,
             )
         )

@@ -42,8 +42,9 @@ class ContainerSpec:
     """Everything needed to start one session container.
 
     ``memory`` uses Docker's notation ("2g"); ``cpus`` is a fraction of cores; ``pids`` caps
-    processes. The container runs as ``user`` with every capability dropped and
-    no-new-privileges; ``extra_hosts`` maps names to addresses (``host-gateway`` allowed).
+    processes and ``nofile`` open files (soft = hard). The container runs as ``user`` with every
+    capability dropped and no-new-privileges; ``extra_hosts`` maps names to addresses
+    (``host-gateway`` allowed).
     """
 
     name: str
@@ -55,6 +56,7 @@ class ContainerSpec:
     memory: str
     cpus: float
     pids: int
+    nofile: int = 4096
     user: str = "1000:1000"
     extra_hosts: dict[str, str] = field(default_factory=dict)
 

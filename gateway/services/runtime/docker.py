@@ -12,7 +12,7 @@ from typing import IO, Any, TypeVar, cast
 
 import docker
 from docker.errors import APIError, ContainerError, DockerException, ImageNotFound, NotFound
-from docker.types import LogConfig
+from docker.types import LogConfig, Ulimit
 from requests.exceptions import RequestException
 
 from gateway.errors import ContainerStartFailed, DependencyUnavailable
@@ -169,6 +169,7 @@ class DockerRuntime(ContainerRuntime):
                 memswap_limit=spec.memory,
                 nano_cpus=int(spec.cpus * 1e9),
                 pids_limit=spec.pids,
+                ulimits=[Ulimit(name="nofile", soft=spec.nofile, hard=spec.nofile)],
                 extra_hosts=spec.extra_hosts,
                 log_config=LogConfig(
                     type=LogConfig.types.JSON, config={"max-size": "10m", "max-file": "3"}
