@@ -24,7 +24,6 @@ GaugeReading = Callable[[], Iterable[tuple[dict[str, str], float]]]
 class _Gauges(Collector):
     def __init__(self) -> None:
         self.readings: dict[str, tuple[str, list[str], GaugeReading]] = {}
-        self.cached: dict[str, list[tuple[dict[str, str], float]]] = {}
 
     def collect(self) -> Iterable[Metric]:
         for name, (doc, labels, read) in self.readings.items():

@@ -78,7 +78,7 @@ class Subscription:
         """Queue without waiting; past a bound, mark the subscription overflowed."""
         if self.overflowed:
             return
-        if self.accept is not None and raw not in (_RESYNC,) and not self.accept(raw):
+        if self.accept is not None and raw != _RESYNC and not self.accept(raw):
             return
         if self.queued_bytes + len(raw) > self.max_bytes or self.queue.full():
             self.overflowed = True

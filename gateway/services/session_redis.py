@@ -188,20 +188,31 @@ async def notify(
         await client.rpush(control_key(session_id), message.to_json())
 
 
+def ledger_group(groups: list[dict[Any, Any]]) -> dict[Any, Any] | None:
+    """The ``ccgate-ledger`` entry of an ``XINFO GROUPS`` reply (None when absent)."""
+    for group in groups:
+        name = group.get("name")
+        if (name.decode() if isinstance(name, bytes) else name) == LEDGER_GROUP:
+            return group
+    return None
+
+
+def group_backlog(group: dict[Any, Any] | None) -> int:
+    """Entries the ledger has not persisted yet, from its ``XINFO GROUPS`` entry: read but
+    not acknowledged (``pending``) plus not read (Redis 7 ``lag``)."""
+    if group is None:
+        return 0
+    return int(group.get("pending") or 0) + int(group.get("lag") or 0)
+
+
 async def unpersisted(client: aioredis.Redis, session_id: str) -> int:
-    """Entries of the session's stream the ledger has not persisted yet: read but not
-    acknowledged, plus not read (Redis 7 ``XINFO GROUPS`` ``pending`` + ``lag``); 0 when the
-    stream or its group does not exist."""
+    """:func:`group_backlog` of the session's stream; 0 when the stream or group is gone."""
     with _redis_errors():
         try:
             groups = await client.xinfo_groups(events_key(session_id))
         except ResponseError:
             return 0
-    for group in groups:
-        name = group.get("name")
-        if (name.decode() if isinstance(name, bytes) else name) == LEDGER_GROUP:
-            return int(group.get("pending") or 0) + int(group.get("lag") or 0)
-    return 0
+    return group_backlog(ledger_group(groups))
 
 
 def turn_recorded_notice(session_id: str, message_id: str) -> bytes:
@@ -231,6 +242,8 @@ __all__ = [
     "drain_turns",
     "ensure_acl_user",
     "ensure_ledger_group",
+    "group_backlog",
+    "ledger_group",
     "notify",
     "provision",
     "purge",

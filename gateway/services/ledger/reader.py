@@ -6,10 +6,10 @@ across replicas each entry is handled by one of them, and per read:
 
 1. persists every entry of the batch in one statement (persister.py);
 2. applies the wrapper's lifecycle events, each in its own short transaction (lifecycle.py),
-   and after each commit tells the parent, queues artifact collection (collector.py) or
-   announces ``turn_recorded``;
-3. acknowledges what was persisted and applied (XACK), then trims the stream up to the
-   persisted watermark, keeping the newest ``stream_maxlen`` for replay — never an entry that is
+   and after each commit runs its follow-ups (followups.py: the parent told, artifact
+   collection queued in collector.py, ``turn_recorded`` announced);
+3. acknowledges what was persisted and applied (XACK), then trims the stream (trim.py) up to
+   the persisted watermark, keeping the newest ``stream_maxlen`` for replay — never an entry that is
    not yet in the database.
 
 Failures: the database or Redis unreachable -> nothing is acknowledged, the pending entries are
@@ -46,12 +46,17 @@ from gateway.db.models import Session, utcnow
 from gateway.errors import DependencyUnavailable
 from gateway.metrics import Metrics
 from gateway.services.artifacts import ArtifactStore
-from gateway.services.callbacks import post_callback
-from gateway.services.ledger.collector import ArtifactCollector, Job
-from gateway.services.ledger.lifecycle import Applied, apply_lifecycle
+from gateway.services.ledger.collector import ArtifactCollector
+from gateway.services.ledger.followups import FollowUps
+from gateway.services.ledger.lifecycle import apply_lifecycle
 from gateway.services.ledger.persister import Entry, dead_letter, parse_entry, persist_events
+from gateway.services.ledger.trim import StreamTrimmer, seq_of_id
 from gateway.services.runtime import ContainerRuntime
-from gateway.services.session_redis import announce_turn_recorded, ensure_ledger_group, notify
+from gateway.services.session_redis import (
+    ensure_ledger_group,
+    group_backlog,
+    ledger_group,
+)
 from gateway.services.tree import LIVE
 from gateway.supervisor import Supervisor
 from wrapper.protocol import ENVELOPE_FIELD, LEDGER_GROUP, events_key
@@ -99,16 +104,20 @@ class Ledger:
             metrics=metrics,
             max_artifact_bytes=settings.max_artifact_bytes,
         )
+        self._followups = FollowUps(
+            settings=settings,
+            redis=redis,
+            db_factory=db_factory,
+            metrics=metrics,
+            collector=self.collector,
+        )
         # Unique per instance: two ledgers with one name would re-read each other's pending
         # entries (same host and pid: several gateways in a process, pid 1 in containers).
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._tracked: dict[str, str] = {}  # session id -> next read id (">" or "0")
         self._attempts: dict[tuple[str, str], int] = {}
-        self._trimmed_at: dict[str, float] = {}
-        self._trimmed_seq: dict[str, int] = {}  # acked seq at the last trim pass
-        self._acked: dict[str, int] = {}  # highest seq acknowledged, per session
+        self._trimmer = StreamTrimmer(redis, keep=settings.stream_maxlen, every_s=_TRIM_EVERY_S)
         self._refreshed_at = 0.0
-        self._background: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------------ tracking
 
@@ -133,8 +142,7 @@ class Ledger:
 
     async def close(self) -> None:
         """Cancel pending callbacks (the supervisor stops the loops)."""
-        for pending in list(self._background):
-            pending.cancel()
+        self._followups.close()
 
     async def lag(self) -> dict[str, int]:
         """Entries of each tracked session not yet persisted: pending (read, unacknowledged)
@@ -146,11 +154,8 @@ class Ledger:
                 pipe.xinfo_groups(events_key(sid))
             replies = await pipe.execute(raise_on_error=False)
         for sid, reply in zip(sids, replies, strict=True):
-            if isinstance(reply, Exception):
-                continue
-            for group in reply:
-                if _text(group.get("name")) == LEDGER_GROUP:
-                    out[sid] = int(group.get("pending") or 0) + int(group.get("lag") or 0)
+            if not isinstance(reply, Exception):
+                out[sid] = group_backlog(ledger_group(reply))
         return out
 
     # ---------------------------------------------------------------------------- loop
@@ -193,10 +198,9 @@ class Ledger:
         for sid in list(self._tracked):
             if sid not in wanted:
                 self._tracked.pop(sid, None)
-                self._trimmed_at.pop(sid, None)
-                self._trimmed_seq.pop(sid, None)
+                self._trimmer.forget(sid)
         await self._claim_abandoned()
-        await self._trim_idle()
+        await self._trimmer.trim_idle(self._tracked)
         await self.collector.recover()
         self._refreshed_at = time.monotonic()
 
@@ -344,7 +348,7 @@ class Ledger:
         except Exception as exc:
             logger.exception("ledger: applying %s %s failed", entry.session_id, entry.entry_id)
             return await self._failed(entry, f"apply: {type(exc).__name__}: {exc}")
-        await self._after_commit(entry.session_id, applied)
+        await self._followups.run(entry.session_id, applied)
         return True
 
     async def _failed(self, entry: Entry, reason: str) -> bool:
@@ -377,100 +381,14 @@ class Ledger:
             reason,
         )
 
-    async def _after_commit(self, sid: str, applied: Applied) -> None:
-        if applied.finished is not None:
-            turn = applied.finished
-            self._metrics.turns.labels(outcome=turn.status.value).inc()
-            for kind, value in (turn.usage or {}).items():
-                if isinstance(value, int) and kind.endswith("tokens"):
-                    self._metrics.tokens.labels(kind=kind).inc(value)
-            if turn.cost_usd and turn.cost_usd > 0:
-                self._metrics.cost_usd.inc(turn.cost_usd)
-        if applied.recorded_turn is not None:
-            try:
-                await announce_turn_recorded(self._redis, sid, applied.recorded_turn)
-            except DependencyUnavailable as exc:
-                logger.warning("ledger: could not announce %s: %s", applied.recorded_turn, exc)
-        if applied.collect_turn is not None:
-            self.collector.submit(Job(sid, turn_id=applied.collect_turn))
-        if applied.release_container is not None:
-            self.collector.submit(Job(sid, release_container=applied.release_container))
-        if applied.tell_parent is not None:
-            await self._tell_parent(sid, *applied.tell_parent)
-
-    async def _tell_parent(self, sid: str, event: Any, payload: dict[str, Any]) -> None:
-        """child_* event in the parent's stream, and the child's callback, after commit."""
-        async with self._db() as db:
-            child = await db.get(Session, sid)
-        if child is None:
-            return
-        if child.parent_session_id:
-            try:
-                await notify(self._redis, child.parent_session_id, event, payload)
-            except DependencyUnavailable as exc:
-                logger.warning("ledger: could not tell %s: %s", child.parent_session_id, exc)
-        if child.callback_url:
-            task = asyncio.create_task(
-                post_callback(
-                    child.callback_url,
-                    event,
-                    payload,
-                    allowed=self._settings.callback_networks,
-                )
-            )
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
-    # --------------------------------------------------------------------- ack and trim
+    # ------------------------------------------------------------------------------ ack
 
     async def _ack(self, sid: str, entries: list[Entry]) -> None:
-        stream = events_key(sid)
         ids = [e.entry_id for e in entries]
-        await self._redis.xack(stream, LEDGER_GROUP, *ids)
+        await self._redis.xack(events_key(sid), LEDGER_GROUP, *ids)
         for entry in entries:
             self._attempts.pop((sid, entry.entry_id), None)
-        self._acked[sid] = max(self._acked.get(sid, 0), *(_seq_of_id(i) for i in ids))
-        if time.monotonic() - self._trimmed_at.get(sid, 0.0) >= _TRIM_EVERY_S:
-            await self._trim(sid, self._acked[sid])
-
-    async def _trim_idle(self) -> None:
-        """Trim streams whose last acknowledged entries came after their last trim pass (a
-        turn's tail), so an idle session's stream also shrinks to the cap."""
-        for sid, acked in list(self._acked.items()):
-            if sid not in self._tracked:
-                self._acked.pop(sid, None)
-            elif self._trimmed_seq.get(sid, 0) < acked:
-                await self._trim(sid, acked)
-
-    async def _trim(self, sid: str, acked_seq: int) -> None:
-        """Trim the stream below the group's persisted watermark, keeping the newest
-        ``stream_maxlen`` entries: an entry not yet read, or read and still pending on any
-        replica, is never trimmed. The watermark is the group's, not this replica's: entries
-        another replica acknowledged count too."""
-        stream = events_key(sid)
-        try:
-            groups = await self._redis.xinfo_groups(stream)
-            summary = await self._redis.xpending(stream, LEDGER_GROUP)
-            newest = await self._redis.xrevrange(stream, count=1)
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc) and "no such key" not in str(exc).lower():
-                raise
-            self._acked.pop(sid, None)  # the stream is gone (session deleted)
-            return
-        group = next((g for g in groups if _text(g.get("name")) == LEDGER_GROUP), None)
-        if group is None or not newest:
-            return
-        last = _seq_of_id(_text(newest[0][0]))
-        watermark = _seq_of_id(_text(group.get("last-delivered-id") or "0-0"))
-        if summary and int(summary.get("pending") or 0) > 0 and summary.get("min"):
-            watermark = min(watermark, _seq_of_id(_text(summary["min"])) - 1)
-        keep = self._settings.stream_maxlen
-        threshold = min(watermark + 1, last - keep + 1)
-        self._trimmed_at[sid] = time.monotonic()
-        # Held back by entries not yet persisted: the next idle pass tries again.
-        self._trimmed_seq[sid] = max(acked_seq, last) if watermark >= last - keep else watermark
-        if threshold > 1:
-            await self._redis.xtrim(stream, minid=f"{threshold}-0", approximate=keep >= 1000)
+        await self._trimmer.acknowledged(sid, (seq_of_id(i) for i in ids))
 
 
 def claimed_ids(reply: Any) -> list[Any]:
@@ -481,11 +399,3 @@ def claimed_ids(reply: Any) -> list[Any]:
     if isinstance(reply, list | tuple) and len(reply) >= 2 and isinstance(reply[1], list):
         return list(reply[1])
     return list(reply)
-
-
-def _seq_of_id(entry_id: str) -> int:
-    return int(entry_id.split("-")[0])
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
