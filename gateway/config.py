@@ -19,6 +19,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.services.metering.prices import ModelPrice
+
 JWT_ALGORITHM = "HS256"
 """The only algorithm tokens may use; pinned on decode (``alg: none`` and RS/HS confusion fail)."""
 
@@ -135,8 +137,31 @@ class Settings(BaseSettings):
     In the environment: a JSON list."""
 
     anthropic_base_url: str | None = None
+    """The upstream Messages API the model proxy forwards to (default api.anthropic.com).
+    Only the gateway calls it: containers reach the model through the proxy."""
     anthropic_api_key: SecretStr | None = None
+    """Upstream API key, injected by the proxy as ``x-api-key``; never given to a container."""
     anthropic_auth_token: SecretStr | None = None
+    """Upstream OAuth/bearer token (instead of the API key), injected as ``Authorization``."""
+    proxy_max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    """Largest request body the model proxy forwards (the Messages API's own limit is 32 MB)."""
+    proxy_max_response_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Largest non-streaming upstream response the proxy reads."""
+    proxy_connect_timeout_s: float = 10.0
+    proxy_read_timeout_s: float = 600.0
+    """Longest silence from upstream within one response (streams ping every few seconds)."""
+    proxy_max_connections: int = 256
+    proxy_reserve_output_tokens: int = Field(default=8192, ge=1)
+    """Output tokens a request's reservation assumes (capped by its max_tokens)."""
+    session_budget_usd: float | None = Field(default=None, gt=0)
+    """Default cost budget of each session (config.session_budget_usd overrides it)."""
+    user_daily_budget_usd: float | None = Field(default=None, gt=0)
+    """Cost budget of each user per UTC day, over all their sessions."""
+    operators: list[str] = Field(default_factory=list)
+    """Users (token subjects) who may read any user's usage (JSON list in the environment)."""
+    prices: dict[str, ModelPrice] = Field(default_factory=dict)
+    """Price overrides by model id prefix, USD per million tokens (JSON in the environment:
+    ``{"claude-sonnet-4": {"input": 3, "output": 15}}``); merged over the built-in table."""
     default_model: str = "claude-sonnet-4-5"
     default_permission_mode: str = "bypassPermissions"
     default_chat_timeout_s: float = 600.0
@@ -201,6 +226,15 @@ class Settings(BaseSettings):
         else:
             auth = ""
         return urlunsplit((parts.scheme, auth + hostport, parts.path or "/0", "", ""))
+
+    @property
+    def model_upstream_url(self) -> str:
+        """Where the model proxy forwards Messages API calls."""
+        return (self.anthropic_base_url or "https://api.anthropic.com").rstrip("/")
+
+    def model_proxy_url_for_containers(self) -> str:
+        """``ANTHROPIC_BASE_URL`` of a session container: the gateway's model proxy."""
+        return self.gateway_url_for_containers().rstrip("/") + "/model"
 
     def gateway_url_for_containers(self) -> str:
         """Base URL the ccgate MCP tools inside containers call."""

@@ -26,7 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import SQLAlchemyError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from gateway.api import api_router, health, metrics
+from gateway.api import api_router, health, metrics, model_proxy
 from gateway.config import Settings
 from gateway.db.engine import make_db_factory, make_engine
 from gateway.db.errors import is_outage
@@ -39,6 +39,7 @@ from gateway.observe import register_gauges
 from gateway.services.artifacts import ArtifactStore, LocalArtifactStore, S3ArtifactStore
 from gateway.services.events import EventHub
 from gateway.services.ledger import Ledger
+from gateway.services.model_proxy import ModelProxy
 from gateway.services.reaper import Reaper
 from gateway.services.runtime.docker import DockerRuntime
 from gateway.services.sessions import SessionService
@@ -149,6 +150,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             grace_s=max(settings.reaper_grace_s, settings.stop_timeout_s + 5),
         )
         supervisor.start("reaper", reaper.run)
+        proxy = ModelProxy(settings=settings, db_factory=db_factory, metrics=metrics_)
+        await proxy.start()
+        app.state.model_proxy = proxy
         app.state.settings = settings
         app.state.jwt_key = jwt_key
         app.state.engine = engine
@@ -177,6 +181,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await supervisor.close()
+            await proxy.close()
             await ledger.close()
             await hub.close()
             await redis.aclose()
@@ -194,6 +199,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(model_proxy.router)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:

@@ -79,10 +79,34 @@ class Metrics:
             registry=r,
         )
         self.tokens = Counter(
-            "ccgate_tokens", "Model tokens reported in turn results", ["kind"], registry=r
+            "ccgate_tokens", "Model tokens metered by the model proxy", ["kind"], registry=r
         )
         self.cost_usd = Counter(
-            "ccgate_cost_usd", "Cost in USD reported in turn results", registry=r
+            "ccgate_cost_usd", "Cost in USD metered by the model proxy", registry=r
+        )
+        self.proxy_requests = Counter(
+            "ccgate_proxy_requests",
+            "Model proxy requests by route and status code",
+            ["route", "status"],
+            registry=r,
+        )
+        self.proxy_refusals = Counter(
+            "ccgate_proxy_refusals",
+            "Model requests refused before upstream (auth, budget_exhausted, budget_busy, ...)",
+            ["reason"],
+            registry=r,
+        )
+        self.proxy_first_byte_seconds = Histogram(
+            "ccgate_proxy_upstream_first_byte_seconds",
+            "Upstream time to response headers, per forwarded request",
+            registry=r,
+        )
+        self.proxy_record_failures = Counter(
+            "ccgate_proxy_record_failures",
+            "Metered requests whose recording failed (retried in the background; 'lost' "
+            "when the retries ran out)",
+            ["outcome"],
+            registry=r,
         )
         self.task_failures = Counter(
             "ccgate_task_failures", "Crashes of supervised background tasks", ["task"], registry=r

@@ -85,7 +85,10 @@ class SessionConfig(_Strict):
     permission_mode: PermissionMode | None = None
     max_turns: int | None = Field(default=None, ge=1, le=10_000)
     max_budget_usd: float | None = Field(default=None, gt=0)
-    """Cost budget of the tree this root starts (children run with what is left)."""
+    """Cost budget (USD) of the tree this root starts, enforced by the model proxy over every
+    session of the tree; ignored on children."""
+    session_budget_usd: float | None = Field(default=None, gt=0)
+    """Cost budget (USD) of this session alone, enforced by the model proxy."""
     timeout_seconds: float | None = Field(default=None, gt=0, le=86_400)
     mcp_servers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
@@ -296,3 +299,59 @@ class ChildrenList(BaseModel):
 
     session_id: str
     children: list[SessionPublic]
+
+
+class UsageCounters(BaseModel):
+    """Tokens and cost metered by the model proxy (USD; tokens as the Messages API counts)."""
+
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+class UsageDayPublic(UsageCounters):
+    """One user's usage on one UTC day."""
+
+    day: str
+
+
+class UsageReport(BaseModel):
+    """``GET /usage``: a user's metered usage per UTC day, newest first, with the total and
+    the daily budget (null when unlimited)."""
+
+    user: str
+    days: list[UsageDayPublic]
+    total: UsageCounters
+    daily_budget_usd: float | None
+
+
+class ModelRequestPublic(BaseModel):
+    """One Messages API request of a session, as the model proxy metered it."""
+
+    request_id: str
+    turn_id: str | None
+    model: str
+    stream: bool
+    status_code: int
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+    cost_usd: float
+    complete: bool
+    error: str | None
+    started_at: datetime
+    duration_ms: int
+
+
+class SessionUsage(BaseModel):
+    """``GET /sessions/{id}/usage``: the session's metered requests (oldest first, paged by
+    ``limit``), its totals and its budget."""
+
+    session_id: str
+    total: UsageCounters
+    budget_usd: float | None
+    requests: list[ModelRequestPublic]

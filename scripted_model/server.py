@@ -383,6 +383,7 @@ async def messages(request: Request) -> Response:
             status_code=400,
         )
     request.app.state.requests.append(body)
+    request.app.state.headers.append(dict(request.headers))
     reply = script_reply(body)
     if reply.error_status is not None:
         status = reply.error_status
@@ -418,7 +419,8 @@ async def models(request: Request) -> Response:
 
 
 def create_app() -> Starlette:
-    """The scripted model ASGI app; ``app.state.requests`` records every request body."""
+    """The scripted model ASGI app; ``app.state.requests`` records every request body and
+    ``app.state.headers`` its headers."""
     app = Starlette(
         routes=[
             Route("/v1/messages", messages, methods=["POST"]),
@@ -427,6 +429,7 @@ def create_app() -> Starlette:
         ]
     )
     app.state.requests = []
+    app.state.headers = []
     return app
 
 
@@ -443,6 +446,11 @@ class ScriptedModelServer:
     def requests(self) -> list[dict[str, Any]]:
         """Every request body received so far."""
         return list(self.app.state.requests)
+
+    @property
+    def headers(self) -> list[dict[str, str]]:
+        """The headers of every ``/v1/messages`` request so far (names lower-case)."""
+        return list(self.app.state.headers)
 
     @property
     def port(self) -> int:

@@ -128,7 +128,7 @@ async def run(burst: int) -> None:
             "jwt_secret": secret,
             "database_url": postgres.url,
             "redis_url": redis_server.url,
-            "anthropic_base_url": f"http://host.docker.internal:{model.port}",
+            "anthropic_base_url": f"http://127.0.0.1:{model.port}",
             "anthropic_api_key": "sk-ant-bench",
             "stream_maxlen": 100_000,
         }

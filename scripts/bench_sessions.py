@@ -142,7 +142,7 @@ def main() -> None:
         jwt_secret=secrets.token_urlsafe(32),
         database_url=postgres.url,
         redis_url=redis_server.url,
-        anthropic_base_url=f"http://host.docker.internal:{model.port}",
+        anthropic_base_url=f"http://127.0.0.1:{model.port}",
         anthropic_api_key="sk-ant-bench",
         image=IMAGE,
     )

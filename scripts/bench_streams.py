@@ -93,7 +93,7 @@ async def run(streams: int, samples: int) -> None:
             "data_dir": tmp,
             "jwt_secret": secret,
             "redis_url": redis_server.url,
-            "anthropic_base_url": f"http://host.docker.internal:{model.port}",
+            "anthropic_base_url": f"http://127.0.0.1:{model.port}",
             "anthropic_api_key": "sk-ant-bench",
         }
     ).start()

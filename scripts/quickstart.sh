@@ -50,7 +50,7 @@ else
     nohup .venv/bin/ccgate scripted-model --host 0.0.0.0 --port "$model_port" > "$data_dir/scripted-model.log" 2>&1 &
     echo $! >> "$pids"
   fi
-  export CCGATE_ANTHROPIC_BASE_URL="http://host.docker.internal:$model_port"
+  export CCGATE_ANTHROPIC_BASE_URL="http://127.0.0.1:$model_port"
   export CCGATE_ANTHROPIC_API_KEY="sk-ant-scripted-model"
   prompt="write hello.txt Hello from ccgate"
   echo "quickstart: no ANTHROPIC_API_KEY, using the scripted model server"

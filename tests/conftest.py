@@ -114,7 +114,7 @@ def full_stack_settings(
         "s3_endpoint": s3.endpoint,
         "s3_access_key": s3.access_key,
         "s3_secret_key": s3.secret_key,
-        "anthropic_base_url": f"http://host.docker.internal:{model.port}",
+        "anthropic_base_url": f"http://127.0.0.1:{model.port}",
         "anthropic_api_key": "sk-ant-scripted",
         "container_memory": "1g",
         "reaper_interval_s": 1.0,

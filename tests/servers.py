@@ -249,8 +249,8 @@ class GatewayProcess(_GatewayAddress):
     """``ccgate serve`` as a separate process (a replica that can be SIGKILLed), configured
     through the environment like a deployment."""
 
-    def __init__(self, settings: dict[str, object]) -> None:
-        self.port = free_port()
+    def __init__(self, settings: dict[str, object], port: int | None = None) -> None:
+        self.port = port or free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CCGATE_")}
         env.update({f"CCGATE_{k.upper()}": str(v) for k, v in settings.items()})
         env["CCGATE_HOST"] = "0.0.0.0"

@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from gateway.api import artifacts, chat, events, family, health, sessions, stream
+from gateway.api import artifacts, chat, events, family, health, sessions, stream, usage
 
 api_router = APIRouter(prefix="/api/v1")
 api_router.include_router(sessions.router)
@@ -11,6 +11,7 @@ api_router.include_router(family.router)
 api_router.include_router(stream.router)
 api_router.include_router(events.router)
 api_router.include_router(artifacts.router)
+api_router.include_router(usage.router)
 api_router.include_router(health.router)
 
 __all__ = ["api_router", "health"]

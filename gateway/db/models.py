@@ -1,9 +1,11 @@
-"""Tables: Session, SpawnTree, Turn, Artifact, Event, DeadLetter.
+"""Tables: Session, SpawnTree, Turn, Artifact, Event, DeadLetter, ModelRequest, UsageDay.
 
 One Session row per ccgate session (its container, status and running totals); one Turn row per
 prompt (``id`` is the ``message_id`` the API returns); one Artifact row per file collected from the
 workspace; one Event row per envelope persisted by the ledger (``(session_id, seq)`` unique); one
-DeadLetter row per stream entry the ledger gave up on. The schema is versioned by Alembic
+DeadLetter row per stream entry the ledger gave up on; one ModelRequest row per Messages API
+request the model proxy forwarded (the metered cost); one UsageDay row per user and UTC day. The
+schema is versioned by Alembic
 (``gateway/db/migrations``); a change here needs a new revision there.
 """
 
@@ -100,9 +102,17 @@ class Session(SQLModel, table=True):
     created_at: datetime = _ts(nullable=False, default=utcnow)
     last_activity: datetime = _ts(nullable=False, default=utcnow)
     total_cost_usd: float = 0.0
+    """Metered by the model proxy (USD), never the CLI's own report."""
     total_turns: int = 0
     usage: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    """Token totals metered by the model proxy (input, output, cache read, cache write)."""
     error: str | None = Field(default=None, sa_column=Column(Text))
+    proxy_key_hash: str | None = Field(default=None, max_length=64, unique=True, index=True)
+    """SHA-256 of the session's model-proxy credential; cleared when the session ends."""
+    budget_usd: float | None = None
+    """This session's own cost budget (None: unlimited)."""
+    reserved_usd: float = 0.0
+    """Cost reserved by model requests in flight (released when each is metered)."""
 
 
 class SpawnTree(SQLModel, table=True):
@@ -118,6 +128,8 @@ class SpawnTree(SQLModel, table=True):
     live_sessions: int = 1
     spend_usd: float = 0.0
     budget_usd: float | None = None
+    reserved_usd: float = 0.0
+    """Cost reserved by the tree's model requests in flight."""
 
 
 class Turn(SQLModel, table=True):
@@ -181,3 +193,48 @@ class DeadLetter(SQLModel, table=True):
     reason: str = Field(sa_column=Column(Text, nullable=False))
     envelope: str = Field(sa_column=Column(Text, nullable=False))
     created_at: datetime = _ts(nullable=False, default=utcnow)
+
+
+class ModelRequest(SQLModel, table=True):
+    """One Messages API request forwarded by the model proxy, with its metered usage and cost.
+
+    Tokens come from the upstream response (``message_start`` / ``message_delta`` usage of a
+    stream, ``usage`` of a JSON Message); ``cost_usd`` prices them with the gateway's price table.
+    ``complete`` is False when the stream ended before its final usage (cost then counts what
+    was seen, with output tokens estimated from the bytes streamed).
+    """
+
+    id: str = Field(primary_key=True, max_length=36)
+    session_id: str = Field(index=True, max_length=36)
+    turn_id: str | None = Field(default=None, index=True, max_length=36)
+    root_id: str = Field(index=True, max_length=36)
+    owner: str = Field(index=True, max_length=255)
+    model: str = Field(max_length=200)
+    path: str = Field(max_length=200)
+    stream: bool = False
+    status_code: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cost_usd: float = 0.0
+    reserved_usd: float = 0.0
+    complete: bool = True
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    started_at: datetime = _ts(nullable=False, default=utcnow, index=True)
+    duration_ms: int = 0
+
+
+class UsageDay(SQLModel, table=True):
+    """A user's metered usage on one UTC day (the per-user daily budget is checked here)."""
+
+    owner: str = Field(primary_key=True, max_length=255)
+    day: str = Field(primary_key=True, max_length=10)
+    """``YYYY-MM-DD`` in UTC."""
+    spend_usd: float = 0.0
+    reserved_usd: float = 0.0
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0

@@ -26,6 +26,7 @@ from gateway.errors import (
 from gateway.schemas import SessionConfig, SessionCreate, SpawnRequest
 from gateway.services import tree
 from gateway.services.callbacks import resolve_callback
+from gateway.services.model_proxy import new_proxy_key
 from gateway.services.provision import Provisioning, workspace_volume_name
 from gateway.services.turns import TurnOps
 from wrapper.protocol import EventType, SessionSpec
@@ -122,11 +123,14 @@ class Creation(Provisioning, TurnOps):
             depth=parent.depth + 1 if parent else 0,
             callback_url=new.callback_url,
         )
+        proxy_key, session.proxy_key_hash = new_proxy_key()
+        session.budget_usd = cfg.session_budget_usd or self.settings.session_budget_usd
+        tree_budget = None
         if parent is not None:
-            budget = await tree.admit_child(db, parent=parent, limits=self._limits())
+            await tree.admit_child(db, parent=parent, limits=self._limits())
         else:
-            budget = cfg.max_budget_usd or self.settings.tree_budget_usd
-            db.add(SpawnTree(root_id=sid, owner=new.owner, budget_usd=budget))
+            tree_budget = cfg.max_budget_usd or self.settings.tree_budget_usd
+            db.add(SpawnTree(root_id=sid, owner=new.owner, budget_usd=tree_budget))
         spec = SessionSpec(
             session_id=sid,
             model=cfg.model or self.settings.default_model,
@@ -140,7 +144,6 @@ class Creation(Provisioning, TurnOps):
                 else self.settings.default_permission_mode
             ),
             max_turns=cfg.max_turns,
-            max_budget_usd=budget,
             timeout_seconds=cfg.timeout_seconds,
             mcp_servers=cfg.mcp_servers,
             include_partial_messages=cfg.include_partial_messages,
@@ -149,13 +152,14 @@ class Creation(Provisioning, TurnOps):
         session.config = cfg.model_dump(mode="json") | {
             "model": spec.model,
             "permission_mode": spec.permission_mode,
-            "max_budget_usd": budget,
+            "max_budget_usd": tree_budget,
+            "session_budget_usd": session.budget_usd,
         }
         db.add(session)
         await db.commit()
         started = time.monotonic()
         try:
-            await self._provision(db, session, spec, cfg.env, parent)
+            await self._provision(db, session, spec, cfg.env, parent, proxy_key)
             self.metrics.container_start_seconds.observe(time.monotonic() - started)
             self.ledger.track(sid)
             if new.prompt is not None:
@@ -175,5 +179,6 @@ class Creation(Provisioning, TurnOps):
 def _inherit(parent: Session, given: SessionConfig) -> SessionConfig:
     """A child's config: the parent's, overridden by the fields the request set."""
     base = {k: v for k, v in parent.config.items() if k in SessionConfig.model_fields}
-    base.pop("max_budget_usd", None)  # a child runs with the tree's remaining budget
+    base.pop("max_budget_usd", None)  # the tree's budget belongs to the root
+    base.pop("session_budget_usd", None)  # a child sets its own, or gets the default
     return SessionConfig.model_validate(base | given.model_dump(exclude_unset=True))

@@ -52,7 +52,10 @@ class Provisioning(ServiceBase):
         spec: SessionSpec,
         env: dict[str, str],
         parent: Session | None,
+        proxy_key: str,
     ) -> None:
+        """Make the session's Redis login, volumes and container (the container's model
+        credential is ``proxy_key``, valid only through the gateway's model proxy)."""
         sid, owner = session.id, session.owner
         ttl = self.settings.session_token_ttl_s
         token = mint_token(key=self.jwt_key, user=owner, ttl_s=ttl, session_scope=sid)
@@ -83,7 +86,7 @@ class Provisioning(ServiceBase):
             ContainerSpec(
                 name=f"ccgate-{sid}",
                 image=self.settings.image,
-                env=self._container_env(sid, env, username, password),
+                env=self._container_env(sid, env, username, password, proxy_key),
                 labels=labels,
                 mounts=[
                     VolumeMount(session.workspace_volume, WORKSPACE_MOUNT),
@@ -102,17 +105,19 @@ class Provisioning(ServiceBase):
         await db.commit()
 
     def _container_env(
-        self, sid: str, user_env: dict[str, str], username: str | None, password: str | None
+        self,
+        sid: str,
+        user_env: dict[str, str],
+        username: str | None,
+        password: str | None,
+        proxy_key: str,
     ) -> dict[str, str]:
+        """The container's environment: no upstream credential, only the session's own."""
         env = dict(user_env)
         s = self.settings
-        if s.anthropic_base_url:
-            env["ANTHROPIC_BASE_URL"] = s.anthropic_base_url
-        if s.anthropic_api_key:
-            env["ANTHROPIC_API_KEY"] = s.anthropic_api_key.get_secret_value()
-        if s.anthropic_auth_token:
-            env["ANTHROPIC_AUTH_TOKEN"] = s.anthropic_auth_token.get_secret_value()
         env.update(
+            ANTHROPIC_BASE_URL=s.model_proxy_url_for_containers(),
+            ANTHROPIC_API_KEY=proxy_key,
             CCGATE_SESSION_ID=sid,
             CCGATE_REDIS_URL=s.container_redis_url(username, password),
             # The wrapper's stop (interrupt 2 s + EOF wait + SIGTERM wait) fits in docker stop's.

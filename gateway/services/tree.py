@@ -160,7 +160,12 @@ async def end_session(
     Returns False (and changes nothing) when the session had already ended. The caller commits.
     """
     await lock_tree(db, session.root_id)
-    values: dict[str, object] = {"status": status, "last_activity": utcnow()}
+    # The session's model-proxy credential dies with it.
+    values: dict[str, object] = {
+        "status": status,
+        "last_activity": utcnow(),
+        "proxy_key_hash": None,
+    }
     if error is not None:
         values["error"] = error
     flipped = await _bump(

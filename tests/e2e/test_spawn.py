@@ -259,7 +259,7 @@ async def test_the_tree_budget_refuses_spawns_once_spent(users: list[Api]) -> No
     await _run(api, root, "write spent.txt two model calls")  # about $0.017
     child = await _spawn(api, root, "echo spend the rest")
     config = (await api.http.get(f"/api/v1/sessions/{child}")).json()["config"]
-    assert 0 < config["max_budget_usd"] < 0.02  # the child runs with what is left
+    assert config["max_budget_usd"] is None  # the tree's budget is enforced at the proxy
     r = await api.http.post(f"/api/v1/sessions/{child}/wait", json={"timeout_seconds": 60})
     assert r.status_code == 200
     tree = (await api.http.get(f"/api/v1/sessions/{root}/tree")).json()

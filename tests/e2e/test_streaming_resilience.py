@@ -22,7 +22,7 @@ from scripted_model import ScriptedModelServer
 from tests.conftest import IMAGE, JWT_SECRET, make_settings
 from tests.containers import PostgresContainer, RedisContainer
 from tests.e2e.helpers import StalledWebSocket
-from tests.servers import GatewayProcess, GatewayServer, RedisServer
+from tests.servers import GatewayProcess, GatewayServer, RedisServer, free_port
 from wrapper.protocol import events_key
 
 pytestmark = pytest.mark.e2e
@@ -47,7 +47,7 @@ def _replica_settings(
         "database_url": postgres.url,
         "redis_url": redis.url,
         "image": IMAGE,
-        "anthropic_base_url": f"http://host.docker.internal:{model.port}",
+        "anthropic_base_url": f"http://127.0.0.1:{model.port}",
         "anthropic_api_key": "sk-ant-scripted",
         "container_memory": "1g",
         "stop_timeout_s": 5,
@@ -66,10 +66,15 @@ def replicas(
     scripted_model: ScriptedModelServer,
     docker_client: Any,
 ) -> Iterator[list[GatewayProcess]]:
-    """Two gateway processes sharing Redis and PostgreSQL."""
+    """Two gateway processes sharing Redis and PostgreSQL. Containers reach the gateway (its
+    model proxy and MCP routes) at the second one, as they would reach whichever replica a load
+    balancer picks, so the first can be killed without cutting a container off."""
+    port_b = free_port()
     made = [
         GatewayProcess(
             _replica_settings(redis_server, postgres_server, scripted_model, tmp_path / f"r{n}")
+            | {"container_gateway_url": f"http://host.docker.internal:{port_b}"},
+            port=port_b if n == 1 else None,
         ).start()
         for n in range(2)
     ]
@@ -263,7 +268,7 @@ async def test_resume_from_zero_after_the_stream_was_trimmed_is_served_from_the_
         tmp_path,
         database_url=postgres_server.url,
         redis_url=redis_server.url,
-        anthropic_base_url=f"http://host.docker.internal:{scripted_model.port}",
+        anthropic_base_url=f"http://127.0.0.1:{scripted_model.port}",
         anthropic_api_key="sk-ant-scripted",
         stream_maxlen=10,
     )

@@ -44,7 +44,7 @@ def _settings(
         "jwt_secret": JWT_SECRET,
         "redis_url": redis.url,
         "image": IMAGE,
-        "anthropic_base_url": f"http://host.docker.internal:{model.port}",
+        "anthropic_base_url": f"http://127.0.0.1:{model.port}",
         "anthropic_api_key": "sk-ant-scripted",
         "container_memory": "1g",
         "stop_timeout_s": 5,

@@ -7,14 +7,13 @@ and ``trim`` (streams shortened below the persisted watermark).
 """
 
 from gateway.services.ledger.collector import ArtifactCollector, Job
-from gateway.services.ledger.lifecycle import add_usage, apply_lifecycle, turn_status_of
+from gateway.services.ledger.lifecycle import apply_lifecycle, turn_status_of
 from gateway.services.ledger.reader import Ledger, claimed_ids
 
 __all__ = [
     "ArtifactCollector",
     "Job",
     "Ledger",
-    "add_usage",
     "apply_lifecycle",
     "claimed_ids",
     "turn_status_of",

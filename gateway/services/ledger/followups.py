@@ -56,11 +56,6 @@ class FollowUps:
         if applied.finished is not None:
             turn = applied.finished
             self._metrics.turns.labels(outcome=turn.status.value).inc()
-            for kind, value in (turn.usage or {}).items():
-                if isinstance(value, int) and kind.endswith("tokens"):
-                    self._metrics.tokens.labels(kind=kind).inc(value)
-            if turn.cost_usd and turn.cost_usd > 0:
-                self._metrics.cost_usd.inc(turn.cost_usd)
         if applied.recorded_turn is not None:
             try:
                 await announce_turn_recorded(self._redis, sid, applied.recorded_turn)

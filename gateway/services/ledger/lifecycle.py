@@ -6,7 +6,8 @@ failure and entries of one session can be applied by different replicas:
 
     ready           starting -> idle; records the CLI session id
     turn_started    turn queued -> running (never back from a final status); session -> running
-    turn_completed  turn result, usage and cost recorded at once (only while not yet final);
+    turn_completed  turn result recorded at once (only while not yet final); its cost and
+                    tokens are the model proxy's (metering/), never the CLI's report;
                     the changed files are left in ``Turn.pending_files`` for the collector, and a
                     turn without files is recorded (``recorded_at``) in the same commit
     error           kept as the session's last error
@@ -24,15 +25,8 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.db.models import Session, SessionStatus, Turn, TurnStatus, utcnow
-from gateway.services.tree import add_spend, cancel_open_turns, end_session, lock_tree
+from gateway.services.tree import cancel_open_turns, end_session, lock_tree
 from wrapper.protocol import EventType
-
-_USAGE_KEYS = (
-    "input_tokens",
-    "output_tokens",
-    "cache_creation_input_tokens",
-    "cache_read_input_tokens",
-)
 
 
 def turn_status_of(data: dict[str, Any]) -> TurnStatus:
@@ -44,16 +38,6 @@ def turn_status_of(data: dict[str, Any]) -> TurnStatus:
     if data.get("is_error"):
         return TurnStatus.FAILED
     return TurnStatus.COMPLETED
-
-
-def add_usage(total: dict[str, Any], usage: dict[str, Any] | None) -> dict[str, Any]:
-    """Sum the token counters of one turn's ``usage`` into a session total."""
-    out = dict(total)
-    for key in _USAGE_KEYS:
-        value = (usage or {}).get(key)
-        if isinstance(value, int):
-            out[key] = int(out.get(key, 0)) + value
-    return out
 
 
 @dataclass
@@ -148,7 +132,6 @@ async def _complete_turn(
     turn = await db.get(Turn, turn_id)
     if turn is None or turn.session_id != session.id or turn.status.final:
         return None
-    total = data.get("total_cost_usd")
     now = utcnow()
     turn.status = turn_status_of(data)
     turn.subtype = _short(data.get("subtype"))
@@ -158,7 +141,6 @@ async def _complete_turn(
     errors = [str(e) for e in data.get("errors") or []]
     turn.errors = errors or None
     turn.terminal_reason = _short(data.get("terminal_reason"))
-    turn.usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
     turn.num_turns = _int(data.get("num_turns"))
     turn.duration_ms = _int(data.get("duration_ms"))
     turn.completed_at = now
@@ -169,15 +151,11 @@ async def _complete_turn(
         turn.pending_files, turn.recorded_at = files, None
     else:
         turn.pending_files, turn.recorded_at = None, now
-    if isinstance(total, int | float) and not isinstance(total, bool):
-        previous = session.total_cost_usd
-        turn.total_cost_usd = float(total)
-        turn.cost_usd = float(total) - previous if total >= previous else float(total)
-        session.total_cost_usd = float(total)
-        await add_spend(db, root_id=session.root_id, delta_usd=turn.cost_usd)
+    # Cost and tokens were metered by the model proxy as the turn's requests went through
+    # (the CLI's total_cost_usd is its own estimate, made inside the sandbox: not trusted).
+    turn.total_cost_usd = session.total_cost_usd
     db.add(turn)
     session.total_turns += 1
-    session.usage = add_usage(session.usage, turn.usage)
     if isinstance(data.get("cli_session_id"), str):
         session.cli_session_id = data["cli_session_id"][:64]
     if session.status is SessionStatus.RUNNING:
