@@ -151,6 +151,9 @@ class Settings(BaseSettings):
     proxy_read_timeout_s: float = 600.0
     """Longest silence from upstream within one response (streams ping every few seconds)."""
     proxy_max_connections: int = 256
+    proxy_credential_cache_s: float = Field(default=1.0, ge=0, le=60)
+    """How long a replica trusts a resolved session credential before asking the database
+    again (an ended session's credential is refused within this time; 0: every request)."""
     proxy_reserve_output_tokens: int = Field(default=8192, ge=1)
     """Output tokens a request's reservation assumes (capped by its max_tokens)."""
     session_budget_usd: float | None = Field(default=None, gt=0)

@@ -15,6 +15,8 @@ prompt                      reply
 ``recall``                  "You first said: <first prompt of the conversation>"
 ``slow [SECONDS]``          text streamed in small pieces for SECONDS (default 30), with pings
 ``fail STATUS``             HTTP STATUS (529 overloaded, 500 api error, 429, 401, 400)
+``timed COUNT MS``          COUNT text deltas, one every MS milliseconds, each the server's
+                            ``time.time()`` when sent (for measuring per-chunk latency)
 ``big BYTES``               one text reply of BYTES characters (long stream-json lines)
 ``deltas COUNT``            one text reply streamed as COUNT deltas of 4 characters (a burst of
                             partial-message events)
@@ -80,6 +82,8 @@ class Reply:
     error_status: int | None = None
     slow_s: float = 0.0
     delta_size: int = 65536
+    timed: tuple[int, float] | None = None
+    """(count, interval in seconds): deltas stamped with the time they were sent."""
 
     @property
     def stop_reason(self) -> str:
@@ -198,6 +202,12 @@ def script_reply(body: dict[str, Any]) -> Reply:
         count = int(rest) if rest.isdigit() else 15_000
         return Reply([Block("text", text="".join(f"{n % 10000:04d}" for n in range(count)))],
                      delta_size=4)  # fmt: skip
+    if word == "timed":
+        count, _, ms = rest.partition(" ")
+        interval = float(ms) / 1000 if ms.replace(".", "", 1).isdigit() else 0.005
+        return Reply(
+            [Block("text", text="")], timed=(int(count) if count.isdigit() else 100, interval)
+        )
     if word == "big":
         size = int(rest) if rest.isdigit() else 1_500_000
         return Reply([Block("text", text=("0123456789abcdef" * (size // 16 + 1))[:size])])
@@ -291,6 +301,15 @@ async def _stream(body: dict[str, Any], reply: Reply) -> AsyncIterator[bytes]:
                     "content_block": {"type": "text", "text": ""},
                 },
             )
+            if reply.timed:
+                count, interval = reply.timed
+                for _ in range(count):
+                    await asyncio.sleep(interval)
+                    delta = {"type": "text_delta", "text": f"{time.time():.6f};"}
+                    yield _sse(
+                        "content_block_delta",
+                        {"type": "content_block_delta", "index": index, "delta": delta},
+                    )
             if reply.slow_s:
                 ticks = max(1, int(reply.slow_s / 0.25))
                 for n in range(ticks):

@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import secrets
 import time
 import uuid
@@ -139,6 +140,7 @@ class ModelProxy:
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._grants = GrantCache(db_factory, ttl_s=settings.proxy_credential_cache_s)
 
     async def start(self) -> None:
         """Open the pooled upstream client."""
@@ -208,8 +210,7 @@ class ModelProxy:
         if key is None:
             return self._refuse("auth", 401, "ccgate: no session credential (x-api-key)")
         try:
-            async with self._db() as db:
-                grant = await budgets.resolve(db, proxy_key_hash(key))
+            grant = await self._grants.get(proxy_key_hash(key))
         except (SQLAlchemyError, OSError) as exc:
             return self._db_down(exc)
         if grant is None:
@@ -239,34 +240,36 @@ class ModelProxy:
     async def _messages(
         self, grant: Grant, path: str, query: str, headers: Mapping[str, str], body: bytes
     ) -> ProxyResponse:
-        try:
-            request = json.loads(body)
-        except ValueError:
-            return self._refuse("invalid", 400, "ccgate: the request body is not JSON")
-        if not isinstance(request, dict) or not isinstance(request.get("model"), str):
-            return self._refuse("invalid", 400, "ccgate: the request has no model")
-        model = request["model"][:200]
-        max_tokens = request.get("max_tokens")
-        cap = self._settings.proxy_reserve_output_tokens
-        out = min(max_tokens, cap) if isinstance(max_tokens, int) and max_tokens > 0 else cap
-        estimate = self.prices.estimate(model, input_tokens=len(body) // 4, output_tokens=out)
-        day = budgets.utc_day()
-        try:
-            async with self._db() as db:
-                held = await budgets.reserve(
-                    db,
-                    grant,
-                    estimate_usd=estimate,
-                    user_daily_budget_usd=self._settings.user_daily_budget_usd,
-                    day=day,
-                )
-        except BudgetExhausted as exc:
-            return self._refuse("budget_exhausted", 400, str(exc))
-        except BudgetBusy as exc:
-            return self._refuse("budget_busy", 429, str(exc), {"retry-after": "1"})
-        except (SQLAlchemyError, OSError) as exc:
-            return self._db_down(exc)
-        call = _Call(grant, held, model, path, bool(request.get("stream")), time.monotonic())
+        daily = self._settings.user_daily_budget_usd
+        held = Reservation(day=budgets.utc_day())
+        if grant.budgeted or daily is not None:
+            # Only a budget needs the body parsed (model and max_tokens for the estimate);
+            # otherwise it goes upstream as it came, and upstream validates it.
+            try:
+                request = json.loads(body)
+            except ValueError:
+                return self._refuse("invalid", 400, "ccgate: the request body is not JSON")
+            if not isinstance(request, dict) or not isinstance(request.get("model"), str):
+                return self._refuse("invalid", 400, "ccgate: the request has no model")
+            model = request["model"][:200]
+            max_tokens = request.get("max_tokens")
+            cap = self._settings.proxy_reserve_output_tokens
+            out = min(max_tokens, cap) if isinstance(max_tokens, int) and max_tokens > 0 else cap
+            estimate = self.prices.estimate(model, input_tokens=len(body) // 4, output_tokens=out)
+            try:
+                async with self._db() as db:
+                    held = await budgets.reserve(
+                        db, grant, estimate_usd=estimate, user_daily_budget_usd=daily, day=held.day
+                    )
+            except BudgetExhausted as exc:
+                return self._refuse("budget_exhausted", 400, str(exc))
+            except BudgetBusy as exc:
+                return self._refuse("budget_busy", 429, str(exc), {"retry-after": "1"})
+            except (SQLAlchemyError, OSError) as exc:
+                return self._db_down(exc)
+        else:
+            model = _sniff_model(body)
+        call = _Call(grant, held, model, path, False, time.monotonic())
         try:
             upstream = await self._send("POST", path, query, headers, body)
         except httpx.HTTPError as exc:
@@ -277,6 +280,7 @@ class ModelProxy:
         if upstream.status_code == 200 and upstream.headers.get("content-type", "").startswith(
             "text/event-stream"
         ):
+            call.stream = True
             return ProxyResponse(200, out_headers, stream=self._relay(call, upstream))
         try:
             content = await _read_bounded(upstream, self._settings.proxy_max_response_bytes)
@@ -371,10 +375,11 @@ class ModelProxy:
     ) -> None:
         """Commit the request's cost and release its reservation; on a database failure the
         commit is retried in the background (≤ 5 min) instead of failing the response."""
+        if model and call.model == UNKNOWN_MODEL:
+            call.model = model
         fields: dict[str, Any] = dict(
             id=call.id,
             session_id=call.grant.session_id,
-            turn_id=call.grant.turn_id,
             root_id=call.grant.root_id,
             owner=call.grant.owner,
             model=call.model,
@@ -434,6 +439,51 @@ class ModelProxy:
                 self._metrics.tokens.labels(kind=kind).inc(value)
         if cost_usd > 0:
             self._metrics.cost_usd.inc(cost_usd)
+
+
+UNKNOWN_MODEL = "unknown"
+_MODEL_FIELD = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+
+
+def _sniff_model(body: bytes) -> str:
+    """The request's model without parsing the whole body (the CLI sends it first); the
+    upstream's answer (``message_start``) replaces it when they differ."""
+    found = _MODEL_FIELD.search(body, 0, 65536)
+    return found.group(1).decode(errors="replace") if found else UNKNOWN_MODEL
+
+
+class GrantCache:
+    """Resolved credentials, kept ``ttl_s`` seconds (≤ 10,000 entries) so a stream of model
+    calls does not query the database each time. A session that ends is refused by every
+    replica within ``ttl_s`` (its container is removed by then anyway); unknown credentials
+    are never cached."""
+
+    def __init__(
+        self, db_factory: async_sessionmaker[AsyncSession], *, ttl_s: float, size: int = 10_000
+    ) -> None:
+        self._db = db_factory
+        self._ttl = ttl_s
+        self._size = size
+        self._entries: dict[str, tuple[float, Grant]] = {}
+
+    async def get(self, key_hash: str) -> Grant | None:
+        """The grant of a credential hash (None: unknown or ended); raises on a database error."""
+        now = time.monotonic()
+        hit = self._entries.get(key_hash)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        async with self._db() as db:
+            grant = await budgets.resolve(db, key_hash)
+        if grant is None:
+            self._entries.pop(key_hash, None)
+            return None
+        if self._ttl > 0:
+            if len(self._entries) >= self._size:
+                self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
+                if len(self._entries) >= self._size:
+                    self._entries.pop(next(iter(self._entries)))
+            self._entries[key_hash] = (now + self._ttl, grant)
+        return grant
 
 
 def _route(method: str, path: str) -> str:

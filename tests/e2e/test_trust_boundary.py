@@ -110,10 +110,12 @@ async def test_the_metered_cost_is_the_proxys_and_the_session_credential_dies_wi
     _, out = container.exec_run(["python3", "-c", probe], user="1000")
     assert out.decode().strip() == "200", out.decode()
     assert (await api.http.post(f"/api/v1/sessions/{sid}/stop")).status_code == 200
-    # The container is gone; the credential, replayed from anywhere, is refused.
+    # The container is gone; the credential, replayed from anywhere, is refused once the
+    # replica's credential cache (CCGATE_PROXY_CREDENTIAL_CACHE_S, 1 s) has expired.
+    await asyncio.sleep(1.1)
     async with httpx.AsyncClient(timeout=10) as http:
         r = await http.get(api.gateway.url + "/model/v1/models", headers={"x-api-key": key})
-    assert r.status_code == 401
+    assert r.status_code == 401, r.text
 
 
 async def test_a_session_budget_ends_the_turn_with_an_error_naming_it(make_api: Any) -> None:

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select as sa_select
-from sqlalchemy import update
+from sqlalchemy import or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -32,7 +31,6 @@ from gateway.db.models import (
     SessionStatus,
     SpawnTree,
     Turn,
-    TurnStatus,
     UsageDay,
 )
 from gateway.services.metering.prices import Usage
@@ -74,8 +72,6 @@ class Grant:
     session_id: str
     root_id: str
     owner: str
-    turn_id: str | None
-    """The session's oldest unfinished turn: the one the CLI is working on."""
     budgeted: bool
     """True when the session or its tree has a budget (the user's daily one is separate)."""
 
@@ -96,41 +92,40 @@ def utc_day(now: datetime | None = None) -> str:
 
 async def resolve(db: AsyncSession, key_hash: str) -> Grant | None:
     """The live session holding the credential whose SHA-256 is ``key_hash`` (None: unknown,
-    revoked or the session ended)."""
-    turn = (
-        select(Turn.id)
-        .where(col(Turn.session_id) == Session.id)
-        .where(col(Turn.status).in_([TurnStatus.QUEUED, TurnStatus.RUNNING]))
-        .order_by(col(Turn.created_at))
-        .limit(1)
-        .scalar_subquery()
-    )
-    connection = await db.connection()
+    revoked or the session ended). One indexed query."""
     row = (
-        await connection.execute(
-            sa_select(
-                col(Session.id),
-                col(Session.root_id),
-                col(Session.owner),
-                col(Session.budget_usd),
-                col(SpawnTree.budget_usd),
-                turn,
-            )
-            .join(SpawnTree, col(SpawnTree.root_id) == Session.root_id)
+        await db.exec(
+            select(Session.id, Session.root_id, Session.owner, Session.budget_usd)
             .where(col(Session.proxy_key_hash) == key_hash)
             .where(col(Session.status).in_(LIVE))
         )
     ).first()
     if row is None:
         return None
-    sid, root, owner, s_budget, t_budget, turn_id = row
+    sid, root, owner, s_budget = row
+    tree_budget = (
+        await db.exec(select(SpawnTree.budget_usd).where(col(SpawnTree.root_id) == root))
+    ).first()
     return Grant(
         session_id=sid,
         root_id=root,
         owner=owner,
-        turn_id=turn_id,
-        budgeted=s_budget is not None or t_budget is not None,
+        budgeted=s_budget is not None or tree_budget is not None,
     )
+
+
+async def turn_at(db: AsyncSession, session_id: str, moment: datetime) -> str | None:
+    """The turn the session's CLI was working on at ``moment``: the oldest one created by then
+    and not finished before it (turns run one at a time, in order)."""
+    rows = await db.exec(
+        select(Turn.id)
+        .where(col(Turn.session_id) == session_id)
+        .where(col(Turn.created_at) <= moment)
+        .where(or_(col(Turn.completed_at).is_(None), col(Turn.completed_at) >= moment))
+        .order_by(col(Turn.created_at))
+        .limit(1)
+    )
+    return rows.first()
 
 
 async def _lock_tree(db: AsyncSession, root_id: str) -> None:
@@ -254,11 +249,17 @@ async def commit(
     recorded changes nothing."""
     day = held.day
     await _lock_tree(db, grant.root_id)
-    if await db.get(ModelRequest, record.id) is not None:
+    record.turn_id = await turn_at(db, grant.session_id, record.started_at)
+    dialect = postgresql if db.get_bind().dialect.name == "postgresql" else sqlite
+    inserted = await db.exec(
+        dialect.insert(ModelRequest)
+        .values(**record.model_dump())
+        .on_conflict_do_nothing(index_elements=["id"])
+    )
+    if inserted.rowcount != 1:  # recorded already (a retried commit)
         await db.rollback()
         return
     cost = record.cost_usd
-    db.add(record)
     await _shift_reserved(db, grant, held, -held.amount_usd)
     await db.exec(
         update(SpawnTree)
@@ -267,14 +268,12 @@ async def commit(
     )
     session = await db.get(Session, grant.session_id)
     if session is not None:
-        await db.refresh(session)
         session.total_cost_usd += cost
         session.usage = add_usage(session.usage, usage)
         db.add(session)
     if record.turn_id is not None:
         turn = await db.get(Turn, record.turn_id)
         if turn is not None:
-            await db.refresh(turn)
             turn.cost_usd = (turn.cost_usd or 0.0) + cost
             turn.usage = add_usage(turn.usage, usage)
             db.add(turn)
