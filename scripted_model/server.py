@@ -203,10 +203,10 @@ def script_reply(body: dict[str, Any]) -> Reply:
         return Reply([Block("text", text="".join(f"{n % 10000:04d}" for n in range(count)))],
                      delta_size=4)  # fmt: skip
     if word == "timed":
-        count, _, ms = rest.partition(" ")
+        deltas, _, ms = rest.partition(" ")
         interval = float(ms) / 1000 if ms.replace(".", "", 1).isdigit() else 0.005
         return Reply(
-            [Block("text", text="")], timed=(int(count) if count.isdigit() else 100, interval)
+            [Block("text", text="")], timed=(int(deltas) if deltas.isdigit() else 100, interval)
         )
     if word == "big":
         size = int(rest) if rest.isdigit() else 1_500_000
