@@ -41,7 +41,7 @@ class CliLife(RunnerState):
     def _mark_transcript(self) -> None:
         if self._transcript_exists():
             return
-        os.makedirs(self._config.state_dir, exist_ok=True)
+        os.makedirs(self._config.marker_dir, exist_ok=True)
         with open(self._state_file, "w") as fh:
             json.dump({"transcript": True, "cli_session_id": self._spec.session_id}, fh)
 
@@ -106,9 +106,11 @@ class CliLife(RunnerState):
             self._spec, claude_bin=self._config.claude_bin, resume=resume, extra_mcp_servers=extra
         )
         try:
-            self._cli = await CliProcess.spawn(
-                args, cwd=self._config.workspace, env=cli_environment()
-            )
+            uid = self._config.cli_uid
+            env = cli_environment()
+            if uid is not None:
+                env.update(HOME=self._config.cli_home, USER="claude", LOGNAME="claude")
+            self._cli = await CliProcess.spawn(args, cwd=self._config.workspace, env=env, uid=uid)
         except OSError as exc:
             raise StartupFailed(str(exc)) from exc
         self._pump = asyncio.create_task(self._read_stdout(self._cli), name="stdout")

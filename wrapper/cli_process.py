@@ -117,8 +117,15 @@ class CliProcess:
         self._write_lock = asyncio.Lock()
 
     @classmethod
-    async def spawn(cls, args: list[str], *, cwd: str, env: dict[str, str]) -> CliProcess:
-        """Start the CLI; raises OSError when the binary cannot be executed."""
+    async def spawn(
+        cls, args: list[str], *, cwd: str, env: dict[str, str], uid: int | None = None
+    ) -> CliProcess:
+        """Start the CLI (as ``uid`` and its group, with no supplementary groups, when given:
+        the kernel then clears every capability the wrapper holds); raises OSError when the
+        binary cannot be executed or the user cannot be switched to."""
+        as_user: dict[str, object] = {}
+        if uid is not None:
+            as_user = {"user": uid, "group": uid, "extra_groups": []}
         proc = await asyncio.create_subprocess_exec(
             *args,
             cwd=cwd,
@@ -127,6 +134,7 @@ class CliProcess:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
+            **as_user,  # type: ignore[arg-type]
         )
         logger.info("claude started, pid %s", proc.pid)
         return cls(proc)

@@ -12,13 +12,25 @@ class WrapperConfig:
 
     ``CCGATE_SESSION_ID`` and ``CCGATE_REDIS_URL`` are required (the URL carries the session's own
     Redis ACL user); the rest have defaults that match container/Dockerfile.
+
+    Privilege split: in a session container the wrapper runs as root with only the SETUID,
+    SETGID, KILL and DAC_READ_SEARCH capabilities and starts the CLI as ``cli_uid`` (1000, the
+    user the agent's tools run as). ``state_dir`` (the outbox) is root's alone, so the agent
+    cannot read the Redis login or forge envelopes through it; ``shared_dir`` holds what the
+    CLI's own processes must read (the session token of the ccgate MCP tools); ``marker_dir``
+    (on the config volume) remembers that a transcript exists, for ``--resume``.
     """
 
     session_id: str
     redis_url: str
     claude_bin: str = "claude"
     workspace: str = "/workspace"
-    state_dir: str = "/home/claude/.claude/ccgate"
+    state_dir: str = "/var/lib/ccgate"
+    shared_dir: str = "/run/ccgate"
+    marker_dir: str = "/home/claude/.claude/ccgate"
+    cli_uid: int | None = None
+    """Run the CLI as this uid (and gid); None: as the wrapper's own user."""
+    cli_home: str = "/home/claude"
     stop_grace_s: float = 5.0
     ready_timeout_s: float = 60.0
     mcp_ready_timeout_s: float = 15.0
@@ -35,7 +47,18 @@ class WrapperConfig:
             redis_url=e["CCGATE_REDIS_URL"],
             claude_bin=e.get("CCGATE_CLAUDE_BIN", "claude"),
             workspace=e.get("CCGATE_WORKSPACE", "/workspace"),
-            state_dir=e.get("CCGATE_STATE_DIR", os.path.join(config_dir, "ccgate")),
+            state_dir=e.get("CCGATE_STATE_DIR", "/var/lib/ccgate"),
+            shared_dir=e.get("CCGATE_SHARED_DIR", "/run/ccgate"),
+            marker_dir=e.get("CCGATE_MARKER_DIR", os.path.join(config_dir, "ccgate")),
+            cli_uid=_cli_uid(e),
+            cli_home=e.get("CCGATE_CLI_HOME", "/home/claude"),
             stop_grace_s=float(e.get("CCGATE_STOP_GRACE_S", "5")),
             ready_timeout_s=float(e.get("CCGATE_READY_TIMEOUT_S", "60")),
         )
+
+
+def _cli_uid(env: dict[str, str]) -> int | None:
+    """``CCGATE_CLI_UID``, else 1000 when the wrapper runs as root, else None (same user)."""
+    if "CCGATE_CLI_UID" in env:
+        return int(env["CCGATE_CLI_UID"])
+    return 1000 if os.geteuid() == 0 else None

@@ -63,16 +63,17 @@ class ControlLoops(TurnLoop):
                 logger.warning("token: redis unreachable: %s", exc)
                 token = None
             if token and token != current:
-                await asyncio.to_thread(_write_private, self._token_file, token)
+                await asyncio.to_thread(_write_shared, self._token_file, token)
                 current = token
             await asyncio.sleep(1.0 if current is None else 20.0)
 
 
-def _write_private(path: str, data: bytes) -> None:
-    """Write a file readable only by this user, atomically (temp file + rename)."""
+def _write_shared(path: str, data: bytes) -> None:
+    """Write a file the CLI's processes can read (the wrapper owns it; no one else may write),
+    atomically (temp file + rename)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
     os.replace(tmp, path)

@@ -50,7 +50,7 @@ class RunnerState:
         self._input_redis = input_redis
         self._control_redis = control_redis
         self._state_redis = state_redis
-        self._token_file = os.path.join(config.state_dir, "gateway-token")
+        self._token_file = os.path.join(config.shared_dir, "gateway-token")
         self._workspace = WorkspaceTracker(config.workspace)
         self._cli: CliProcess | None = None
         self._pump: asyncio.Task[int] | None = None
@@ -62,7 +62,7 @@ class RunnerState:
         self._control_waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._crashes: deque[float] = deque()
         self._exit_status = 0
-        self._state_file = os.path.join(config.state_dir, "cli-session.json")
+        self._state_file = os.path.join(config.marker_dir, "cli-session.json")
 
     def request_stop(self) -> None:
         """Begin a graceful stop (SIGTERM handler)."""

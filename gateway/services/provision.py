@@ -21,7 +21,12 @@ from gateway.errors import (
 )
 from gateway.services import session_redis, tree
 from gateway.services.runtime import ContainerSpec, VolumeMount
-from gateway.services.runtime.base import LABEL_OWNER, LABEL_SESSION, LABEL_WORKSPACE
+from gateway.services.runtime.base import (
+    LABEL_OWNER,
+    LABEL_SESSION,
+    LABEL_WORKSPACE,
+    WRAPPER_CAPS,
+)
 from gateway.services.session_base import ServiceBase
 from wrapper.protocol import SessionSpec
 
@@ -98,6 +103,7 @@ class Provisioning(ServiceBase):
                 pids=self.settings.container_pids,
                 nofile=self.settings.container_nofile,
                 extra_hosts=self.settings.container_extra_hosts,
+                cap_add=WRAPPER_CAPS,
             )
         )
         session.container_id = info.id

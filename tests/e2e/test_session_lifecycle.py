@@ -11,6 +11,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from gateway.services.runtime.base import WRAPPER_CAPS
 from tests.conftest import Api
 from tests.e2e.helpers import collect_until, turn_done
 
@@ -36,7 +37,10 @@ async def test_session_streams_two_turns_keeps_memory_collects_artifacts_and_cle
     assert container.labels["ccgate.owner"] == alice.user
     assert host["CapDrop"] == ["ALL"]
     assert "no-new-privileges:true" in host["SecurityOpt"]
-    assert container.attrs["Config"]["User"] == "1000:1000"
+    # The wrapper is root with four capabilities; the CLI and the agent's tools are uid 1000
+    # with none (tests/e2e/test_trust_boundary.py checks from inside).
+    assert container.attrs["Config"]["User"] == "0:0"
+    assert sorted(host["CapAdd"]) == sorted(WRAPPER_CAPS)
     assert host["Memory"] == 1024**3 and host["PidsLimit"] == 512
     assert not any("docker.sock" in m.get("Source", "") for m in container.attrs["Mounts"])
 

@@ -21,7 +21,8 @@ UPSTREAM_KEY = "sk-ant-scripted"  # full_stack_settings' upstream key
 _SEARCH = """
 import os
 key = (os.environ.pop("A") + os.environ.pop("B")).encode()
-for pid in filter(str.isdigit, os.listdir("/proc")):
+# docker exec gives this very process the container's configured environment: skip it.
+for pid in set(filter(str.isdigit, os.listdir("/proc"))) - {str(os.getpid())}:
     for part in ("environ", "cmdline"):
         try:
             if key in open(f"/proc/{pid}/{part}", "rb").read():
@@ -166,3 +167,48 @@ async def test_three_concurrent_children_stop_at_the_tree_budget(make_api: Any) 
     stopped = [r for r in results if r["status"] == "failed"]
     assert stopped, [r["status"] for r in results]
     assert all("tree budget" in (r["result"] or "") for r in stopped)
+
+
+async def test_the_agent_cannot_read_the_wrappers_redis_login_or_gain_privileges(
+    make_api: Any, docker_client: docker.DockerClient
+) -> None:
+    api: Api = make_api()
+    sid = await _create(api)
+    # From the agent's own Bash tool: no capability, no-new-privileges, uid 1000, and the
+    # wrapper's environment (PID 1 is tini, the wrapper's parent, as root) is unreadable.
+    done = await _chat(
+        api,
+        sid,
+        "bash id -u; grep -E '^(CapEff|CapPrm|CapAmb|NoNewPrivs)' /proc/self/status; "
+        "cat /proc/1/environ >/dev/null 2>&1 && echo environ-readable || echo environ-denied; "
+        "ls /var/lib/ccgate >/dev/null 2>&1 && echo state-readable || echo state-denied; "
+        "ls -l /var/run/docker.sock 2>&1 | grep -c 'No such file'",
+    )
+    words = (done["result"] or "").removeprefix("Output:").split()
+    assert words == [
+        "1000",
+        "CapPrm:",
+        "0000000000000000",
+        "CapEff:",
+        "0000000000000000",
+        "CapAmb:",
+        "0000000000000000",
+        "NoNewPrivs:",
+        "1",
+        "environ-denied",
+        "state-denied",
+        "1",
+    ], done["result"]
+
+    container = docker_client.containers.get(f"ccgate-{sid}")
+    env = dict(e.split("=", 1) for e in container.attrs["Config"]["Env"])
+    password = env["CCGATE_REDIS_URL"].split("@", 1)[0].rsplit(":", 1)[1]
+    half = len(password) // 2
+    # Everything uid 1000 can read: no process environment, command line or file holds the
+    # session's Redis password.
+    _, out = container.exec_run(
+        ["python3", "-c", _SEARCH],
+        user="1000",
+        environment={"A": password[:half], "B": password[half:]},
+    )
+    assert out.decode().split() == ["searched"], out.decode()

@@ -37,14 +37,24 @@ class VolumeMount:
     target: str
 
 
+WRAPPER_CAPS = ("SETUID", "SETGID", "KILL", "DAC_READ_SEARCH")
+"""The only capabilities a session container keeps (its wrapper's; see ContainerSpec)."""
+
+
 @dataclass(frozen=True)
 class ContainerSpec:
     """Everything needed to start one session container.
 
     ``memory`` uses Docker's notation ("2g"); ``cpus`` is a fraction of cores; ``pids`` caps
     processes and ``nofile`` open files (soft = hard). The container runs as ``user`` with every
-    capability dropped and no-new-privileges; ``extra_hosts`` maps names to addresses
-    (``host-gateway`` allowed).
+    capability dropped except ``cap_add``, and no-new-privileges; ``extra_hosts`` maps names to
+    addresses (``host-gateway`` allowed).
+
+    Session containers run their wrapper as root with :data:`WRAPPER_CAPS` only: enough to start
+    the CLI as uid 1000 (SETUID, SETGID), signal it (KILL) and read the files it writes
+    (DAC_READ_SEARCH, for the artifact manifest). The CLI and every tool of the agent run as
+    uid 1000 with no capability at all (the kernel clears them on the switch, and
+    no-new-privileges keeps them from coming back).
     """
 
     name: str
@@ -57,7 +67,8 @@ class ContainerSpec:
     cpus: float
     pids: int
     nofile: int = 4096
-    user: str = "1000:1000"
+    user: str = "0:0"
+    cap_add: tuple[str, ...] = ()
     extra_hosts: dict[str, str] = field(default_factory=dict)
 
 

@@ -164,6 +164,7 @@ class DockerRuntime(ContainerRuntime):
                 network=spec.network,
                 user=spec.user,
                 cap_drop=["ALL"],
+                cap_add=list(spec.cap_add),
                 security_opt=["no-new-privileges:true"],
                 mem_limit=spec.memory,
                 memswap_limit=spec.memory,
