@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     container_pids: int = 512
     container_nofile: int = Field(default=4096, ge=256, le=1_048_576)
     """Open files per session container (soft and hard limit)."""
+    container_tmp_mib: int = Field(default=512, ge=16)
+    """Size of a session container's /tmp (tmpfs; the root filesystem is read-only)."""
+    container_home_mib: int = Field(default=256, ge=16)
+    """Size of the CLI user's home (tmpfs; its .claude is the config volume)."""
+    container_state_mib: int = Field(default=256, ge=16)
+    """Size of the wrapper's private state (tmpfs: the outbox of events Redis has not taken)."""
     container_extra_hosts: dict[str, str] = Field(
         default_factory=lambda: {"host.docker.internal": "host-gateway"}
     )

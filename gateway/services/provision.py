@@ -26,6 +26,7 @@ from gateway.services.runtime.base import (
     LABEL_SESSION,
     LABEL_WORKSPACE,
     WRAPPER_CAPS,
+    session_tmpfs,
 )
 from gateway.services.session_base import ServiceBase
 from wrapper.protocol import SessionSpec
@@ -104,6 +105,12 @@ class Provisioning(ServiceBase):
                 nofile=self.settings.container_nofile,
                 extra_hosts=self.settings.container_extra_hosts,
                 cap_add=WRAPPER_CAPS,
+                read_only=True,
+                tmpfs=session_tmpfs(
+                    self.settings.container_tmp_mib,
+                    self.settings.container_home_mib,
+                    self.settings.container_state_mib,
+                ),
             )
         )
         session.container_id = info.id

@@ -165,6 +165,8 @@ class DockerRuntime(ContainerRuntime):
                 user=spec.user,
                 cap_drop=["ALL"],
                 cap_add=list(spec.cap_add),
+                read_only=spec.read_only,
+                tmpfs=spec.tmpfs,
                 security_opt=["no-new-privileges:true"],
                 mem_limit=spec.memory,
                 memswap_limit=spec.memory,
