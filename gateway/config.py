@@ -14,6 +14,7 @@ import secrets
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
@@ -80,6 +81,12 @@ class Settings(BaseSettings):
     """Docker engine URL; default: DOCKER_HOST or the local socket."""
     image: str = "ccgate-session:latest"
     docker_network: str = "ccgate-sessions"
+    sessions_network_internal: bool = True
+    """Make the sessions network internal: no route out through Docker's NAT."""
+    sessions_firewall: Literal["auto", "on", "off"] = "auto"
+    """Host iptables rules limiting session containers to the gateway and Redis: ``on``
+    (required: sessions fail with 503 without it), ``auto`` (when root and iptables allow),
+    ``off``."""
     container_memory: str = "2g"
     container_cpus: float = 1.0
     container_pids: int = 512

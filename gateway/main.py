@@ -178,6 +178,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         register_gauges(app)
         try:
+            await app.state.sessions.network.ensure()
+        except DependencyUnavailable as exc:
+            logger.warning("sessions network not ready yet (retried at the first create): %s", exc)
+        try:
             yield
         finally:
             await supervisor.close()

@@ -45,6 +45,13 @@ def register_gauges(app: FastAPI) -> None:
         [],
         lambda: [({}, float(state.hub.channel_count))],
     )
+    network = state.sessions.network
+    m.gauge(
+        "ccgate_sessions_firewall",
+        "1 when the host firewall limits session containers to the gateway and Redis",
+        [],
+        lambda: [({}, 1.0 if network is not None and network.firewall_active else 0.0)],
+    )
     m.gauge(
         "ccgate_collector_queue",
         "Artifact collection jobs waiting",

@@ -72,7 +72,8 @@ class Provisioning(ServiceBase):
             token=token,
             token_ttl_s=ttl,
         )
-        await self.runtime.ensure_network(self.settings.docker_network)
+        assert self.network is not None
+        await self.network.ensure()
         labels = {LABEL_SESSION: sid, LABEL_OWNER: owner}
         kind = WorkspaceType(session.workspace_type)
         if kind is WorkspaceType.PERSISTENT:

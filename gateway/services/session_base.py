@@ -22,6 +22,7 @@ from gateway.services import family, session_redis
 from gateway.services.artifacts import ArtifactStore
 from gateway.services.events import EventHub
 from gateway.services.ledger import Ledger
+from gateway.services.network import SessionsNetwork
 from gateway.services.runtime import ContainerRuntime
 from wrapper.protocol import EventType
 
@@ -45,6 +46,12 @@ class ServiceBase:
     db_factory: async_sessionmaker[AsyncSession]
     ledger: Ledger
     metrics: Metrics
+    network: SessionsNetwork | None = None
+    """The sessions network and firewall (made from settings and runtime when not given)."""
+
+    def __post_init__(self) -> None:
+        if self.network is None:
+            self.network = SessionsNetwork(self.settings, self.runtime)
 
     async def get_owned(self, *, db: AsyncSession, owner: str, session_id: str) -> Session:
         """The session if it exists and belongs to ``owner``; raises NotFound otherwise."""

@@ -45,9 +45,7 @@ async def test_the_root_filesystem_is_read_only_outside_the_workspace_and_tmpfs(
         "/run/ccgate",
         "/home/claude/.claude/ccgate",
     ]
-    probe = "; ".join(
-        f"(touch {p}/probe 2>/dev/null && echo {p}=w) || echo {p}=ro" for p in places
-    )
+    probe = "; ".join(f"(touch {p}/probe 2>/dev/null && echo {p}=w) || echo {p}=ro" for p in places)
     r = await api.http.post(
         f"/api/v1/sessions/{sid}/chat", json={"prompt": f"bash {probe}", "stream": False}
     )

@@ -37,18 +37,26 @@ def test_gateway_environment_is_understood_by_settings() -> None:
         assert name in ("DATABASE_URL", "REDIS_URL") or bare in known, name
     assert env["DATABASE_URL"].startswith("postgresql://")
     assert env["CCGATE_ENVIRONMENT"] == "production"
-    assert env["CCGATE_DOCKER_NETWORK"] == _compose()["networks"]["sessions"]["name"]
+    assert env["CCGATE_SESSIONS_FIREWALL"] == "on"  # no session starts without the firewall
+    literal = {k.removeprefix("CCGATE_").lower(): v for k, v in env.items() if "$" not in v}
+    Settings(**literal, jwt_secret="s" * 48)  # every literal value validates
 
 
-def test_only_the_gateway_gets_the_docker_socket_and_redis_joins_the_sessions_network() -> None:
+def test_only_the_gateway_gets_the_docker_socket_and_the_host_network() -> None:
     services = _compose()["services"]
-    assert "/var/run/docker.sock:/var/run/docker.sock" in services["gateway"]["volumes"]
+    gateway = services["gateway"]
+    assert "/var/run/docker.sock:/var/run/docker.sock" in gateway["volumes"]
+    # The host's network namespace and NET_ADMIN: the gateway makes the sessions network and
+    # its host firewall, and session containers reach it at host.docker.internal.
+    assert gateway["network_mode"] == "host" and gateway["cap_add"] == ["NET_ADMIN"]
     for name in ("redis", "postgres", "minio"):
         assert not any("docker.sock" in v for v in services[name].get("volumes", []))
-    assert "sessions" in services["redis"]["networks"]
-    assert "networks" not in services["postgres"] and "networks" not in services["minio"]
+        assert "network_mode" not in services[name] and "cap_add" not in services[name]
 
 
-def test_the_sessions_network_keeps_session_containers_apart() -> None:
-    sessions = _compose()["networks"]["sessions"]
-    assert sessions["driver_opts"]["com.docker.network.bridge.enable_icc"] == "false"
+def test_only_redis_is_published_beyond_the_hosts_loopback() -> None:
+    services = _compose()["services"]
+    assert services["redis"]["ports"] == ["6379:6379"]  # session containers log in here
+    for name in ("postgres", "minio"):
+        assert all(p.startswith("127.0.0.1:") for p in services[name]["ports"])
+    assert "networks" not in _compose()  # the gateway makes the sessions network itself

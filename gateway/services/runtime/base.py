@@ -108,8 +108,12 @@ class ContainerRuntime(abc.ABC):
         """Raise DependencyUnavailable unless the engine answers."""
 
     @abc.abstractmethod
-    async def ensure_network(self, name: str) -> None:
-        """Create the sessions network if it does not exist (inter-container traffic off)."""
+    async def ensure_network(self, name: str, *, internal: bool, bridge: str) -> list[str]:
+        """Create the sessions network if it does not exist: inter-container traffic off,
+        ``internal`` (no route out through Docker's NAT), its Linux bridge named ``bridge``.
+        A network of that name made differently is re-created when no container uses it
+        (else it is kept and a warning logged). Returns the host's addresses on the sessions
+        network and on Docker's default bridge (where ``host-gateway`` points)."""
 
     @abc.abstractmethod
     async def create_volume(self, name: str, labels: dict[str, str]) -> None:

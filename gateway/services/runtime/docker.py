@@ -12,6 +12,7 @@ from typing import IO, Any, TypeVar, cast
 
 import docker
 from docker.errors import APIError, ContainerError, DockerException, ImageNotFound, NotFound
+from docker.models.networks import Network
 from docker.types import LogConfig, Ulimit
 from requests.exceptions import RequestException
 
@@ -100,26 +101,60 @@ class DockerRuntime(ContainerRuntime):
         except APIError as exc:
             raise DependencyUnavailable("docker", str(exc)) from exc
 
-    async def ensure_network(self, name: str) -> None:
-        """Create the bridge network if missing, with inter-container traffic disabled."""
+    async def ensure_network(self, name: str, *, internal: bool, bridge: str) -> list[str]:
+        """See ContainerRuntime.ensure_network."""
+        options = {
+            "com.docker.network.bridge.enable_icc": "false",
+            "com.docker.network.bridge.name": bridge,
+        }
 
-        def _ensure() -> None:
+        def _matches(network: Network) -> bool:
+            attrs = network.attrs
+            opts = attrs.get("Options") or {}
+            return bool(attrs.get("Internal")) == internal and all(
+                opts.get(k) == v for k, v in options.items()
+            )
+
+        def _ensure() -> list[str]:
             client = self._docker()
-            if client.networks.list(names=[name]):
-                return
-            try:
-                client.networks.create(
-                    name,
-                    driver="bridge",
-                    labels={LABEL_MANAGED: "true"},
-                    options={"com.docker.network.bridge.enable_icc": "false"},
-                )
-            except APIError as exc:
-                if exc.status_code != 409:
-                    raise
+            found = [n for n in client.networks.list(names=[name]) if n.name == name]
+            if found:
+                network = client.networks.get(found[0].id)
+                if not _matches(network):
+                    if network.attrs.get("Containers"):
+                        logger.warning(
+                            "network %s is not set up as configured (internal=%s, bridge %s) "
+                            "and has containers; keeping it until they are gone",
+                            name,
+                            internal,
+                            bridge,
+                        )
+                    else:
+                        logger.warning("re-creating network %s as configured", name)
+                        network.remove()
+                        found = []
+            if not found:
+                try:
+                    client.networks.create(
+                        name,
+                        driver="bridge",
+                        internal=internal,
+                        labels={LABEL_MANAGED: "true"},
+                        options=options,
+                    )
+                except APIError as exc:
+                    if exc.status_code != 409:
+                        raise
+            addresses = []
+            for net in (name, "bridge"):
+                for config in client.networks.get(net).attrs.get("IPAM", {}).get("Config") or []:
+                    gateway = config.get("Gateway")
+                    if gateway and ":" not in gateway:
+                        addresses.append(gateway)
+            return addresses
 
         try:
-            await self._call(_ensure)
+            return await self._call(_ensure)
         except APIError as exc:
             raise DependencyUnavailable("docker", f"network {name}: {exc}") from exc
 
