@@ -36,7 +36,7 @@ def serve(host: str | None, port: int | None) -> None:
         create_app(settings),
         host=host or settings.host,
         port=port or settings.port,
-        ws_max_size=64 * 1024 * 1024,
+        ws_max_size=settings.max_request_bytes,
         log_config=None,  # configure_logging above owns the handlers (text or JSON)
         log_level=settings.log_level.lower(),
     )

@@ -173,6 +173,12 @@ class Settings(BaseSettings):
     """Default cost budget of each session (config.session_budget_usd overrides it)."""
     user_daily_budget_usd: float | None = Field(default=None, gt=0)
     """Cost budget of each user per UTC day, over all their sessions."""
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
+    """Largest API request body and WebSocket message (a 1,000,000-character prompt fits);
+    longer ones are refused with 413 (WebSocket: closed with 1009)."""
+    rate_limit: str = "600/minute;60/second"
+    """Per-user request limits over every replica (``limits`` notation: "N/second|minute|hour",
+    several separated by ';'; empty: none). Each API request and WebSocket prompt counts."""
     operators: list[str] = Field(default_factory=list)
     """Users (token subjects) who may read any user's usage (JSON list in the environment)."""
     prices: dict[str, ModelPrice] = Field(default_factory=dict)
@@ -186,6 +192,17 @@ class Settings(BaseSettings):
     def _production_needs_secret(self) -> Settings:
         if self.environment is Environment.PRODUCTION and self.jwt_secret is None:
             raise ValueError("CCGATE_JWT_SECRET must be set when CCGATE_ENVIRONMENT=production")
+        return self
+
+    @model_validator(mode="after")
+    def _rate_limit_parses(self) -> Settings:
+        from limits import parse_many
+
+        if self.rate_limit.strip():
+            try:
+                parse_many(self.rate_limit)
+            except ValueError as exc:
+                raise ValueError(f"CCGATE_RATE_LIMIT: {exc}") from exc
         return self
 
     @cached_property

@@ -56,13 +56,16 @@ async def get_principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    """The caller from ``Authorization: Bearer <jwt>``; 401 when missing or invalid."""
+    """The caller from ``Authorization: Bearer <jwt>``; 401 when missing or invalid, 429 when
+    the user's rate limit is spent."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
     try:
-        return decode_token(credentials.credentials, key=request.app.state.jwt_key)
+        principal = decode_token(credentials.credentials, key=request.app.state.jwt_key)
     except InvalidToken as exc:
         raise Unauthorized(f"invalid token: {exc}") from exc
+    await request.app.state.rate_limiter.hit(principal.user)  # 429 over CCGATE_RATE_LIMIT
+    return principal
 
 
 DbDep = Annotated[AsyncSession, Depends(get_db)]

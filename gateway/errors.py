@@ -10,6 +10,8 @@
     │   └── SpawnRefused              409  a spawn limit (named, with its value) would be exceeded
     ├── InvalidRequest                422  input that passed the schema but cannot be honoured
     │   └── CallbackRefused           422  a spawn callback aimed at a private or loopback address
+    ├── RequestTooLarge               413  a request body over CCGATE_MAX_REQUEST_BYTES
+    ├── RateLimited                   429  the user's CCGATE_RATE_LIMIT is spent (Retry-After)
     ├── TurnTimeout                   504  a stream=false chat waited longer than its timeout
     └── DependencyUnavailable         503  database, redis, storage or docker is down
         └── ContainerStartFailed      503  docker answered but the session container did not start
@@ -81,6 +83,24 @@ class CallbackRefused(InvalidRequest):
     """A spawn callback URL is or resolves to an address the gateway must not call."""
 
     code = "callback_refused"
+
+
+class RequestTooLarge(GatewayError):
+    """The request body is longer than the gateway accepts."""
+
+    status_code = 413
+    code = "request_too_large"
+
+
+class RateLimited(GatewayError):
+    """Too many requests from one user; ``retry_after_s`` goes into Retry-After."""
+
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class TurnTimeout(GatewayError):

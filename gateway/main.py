@@ -16,6 +16,8 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 import urllib3
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from minio import Minio
 from redis.asyncio.retry import Retry
@@ -24,14 +26,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from gateway.api import api_router, health, metrics, model_proxy
+from gateway.bodylimit import BodyLimitMiddleware
 from gateway.config import Settings
 from gateway.db.engine import make_db_factory, make_engine
 from gateway.db.errors import is_outage
 from gateway.db.migrate import migrate
-from gateway.errors import DependencyUnavailable, GatewayError, Unauthorized
+from gateway.errors import DependencyUnavailable, GatewayError, RateLimited, Unauthorized
 from gateway.executors import BlockingPool
 from gateway.logs import RequestIdMiddleware, request_id
 from gateway.metrics import Metrics
@@ -40,6 +44,7 @@ from gateway.services.artifacts import ArtifactStore, LocalArtifactStore, S3Arti
 from gateway.services.events import EventHub
 from gateway.services.ledger import Ledger
 from gateway.services.model_proxy import ModelProxy
+from gateway.services.ratelimit import UserRateLimiter
 from gateway.services.reaper import Reaper
 from gateway.services.runtime.docker import DockerRuntime
 from gateway.services.sessions import SessionService
@@ -150,6 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             grace_s=max(settings.reaper_grace_s, settings.stop_timeout_s + 5),
         )
         supervisor.start("reaper", reaper.run)
+        app.state.rate_limiter = UserRateLimiter(settings.redis_url, settings.rate_limit, metrics_)
         proxy = ModelProxy(settings=settings, db_factory=db_factory, metrics=metrics_)
         await proxy.start()
         app.state.model_proxy = proxy
@@ -199,6 +205,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Claude Code as a service: one container per session, streamed over WebSocket.",
         lifespan=lifespan,
     )
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_request_bytes, skip_prefixes=("/model/",)
+    )
     app.add_middleware(RequestIdMiddleware)
     app.include_router(api_router)
     app.include_router(health.router)
@@ -212,6 +221,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response = _error(exc.status_code, exc.message, exc.code)
         if isinstance(exc, Unauthorized):
             response.headers["WWW-Authenticate"] = "Bearer"
+        if isinstance(exc, RateLimited):
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+            request.app.state.metrics.rate_limited.inc()
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = jsonable_encoder(exc.errors())
+        first = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors[:3]
+        )
+        return JSONResponse(
+            status_code=422,
+            content={"detail": first or "invalid request", "code": "invalid_request",
+                     "errors": [{k: e.get(k) for k in ("loc", "msg", "type")} for e in errors]},
+        )  # fmt: skip
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {
+            400: "bad_request",
+            401: "unauthorized",
+            403: "forbidden",
+            404: "not_found",
+            405: "method_not_allowed",
+        }
+        response = _error(
+            exc.status_code, str(exc.detail), codes.get(exc.status_code, "http_error")
+        )
+        for name, value in (exc.headers or {}).items():
+            response.headers[name] = value
         return response
 
     @app.exception_handler(SQLAlchemyError)

@@ -90,6 +90,16 @@ class Metrics:
             ["route", "status"],
             registry=r,
         )
+        self.rate_limit_errors = Counter(
+            "ccgate_rate_limit_errors",
+            "Requests let through unlimited because the rate limiter's Redis failed",
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "ccgate_rate_limited",
+            "Requests refused with 429 by the per-user rate limit",
+            registry=r,
+        )
         self.proxy_refusals = Counter(
             "ccgate_proxy_refusals",
             "Model requests refused before upstream (auth, budget_exhausted, budget_busy, ...)",

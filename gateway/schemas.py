@@ -355,3 +355,37 @@ class SessionUsage(BaseModel):
     total: UsageCounters
     budget_usd: float | None
     requests: list[ModelRequestPublic]
+
+
+class ErrorBody(BaseModel):
+    """Every error the API answers: ``detail`` says what to fix, ``code`` is stable for
+    programs (``bad_request``, ``unauthorized``, ``forbidden``, ``not_found``, ``conflict``,
+    ``spawn_refused``, ``invalid_request``, ``callback_refused``, ``request_too_large``,
+    ``rate_limited``, ``turn_timeout``, ``dependency_unavailable``, ``container_start_failed``,
+    ``internal_error``); ``error_id`` ties a 500 to its log line; ``errors`` lists each field a
+    422 refused (``loc``, ``msg``, ``type``)."""
+
+    detail: str
+    code: str
+    error_id: str | None = None
+    errors: list[dict[str, Any]] | None = None
+
+
+def _error_doc(description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
+API_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _error_doc("The body is not parsable (malformed JSON)"),
+    401: _error_doc("No valid bearer token (WWW-Authenticate: Bearer)"),
+    403: _error_doc("A session token asked for something outside its subtree"),
+    404: _error_doc("No such session (or resource) for this caller"),
+    409: _error_doc("The session's state forbids it, or a spawn limit would be exceeded"),
+    413: _error_doc("Request body over CCGATE_MAX_REQUEST_BYTES"),
+    422: _error_doc("Invalid input: each refused field in ``errors``"),
+    429: _error_doc("The user's rate limit is spent (Retry-After says when to retry)"),
+    500: _error_doc("A bug: ``error_id`` is in the gateway's log"),
+    503: _error_doc("A dependency (database, redis, storage, docker, firewall) is down"),
+    504: _error_doc("A synchronous wait ran out of time (the turn keeps running)"),
+}
+"""The error responses every /api/v1 route declares in the OpenAPI document."""

@@ -130,6 +130,7 @@ async def run(burst: int) -> None:
             "redis_url": redis_server.url,
             "anthropic_base_url": f"http://127.0.0.1:{model.port}",
             "anthropic_api_key": "sk-ant-bench",
+            "rate_limit": "",  # throughput of one user is measured, not the limiter
             "stream_maxlen": 100_000,
         }
     ).start()

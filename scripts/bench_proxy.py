@@ -158,6 +158,7 @@ async def amain(args: argparse.Namespace) -> None:
             "redis_url": redis.url,
             "anthropic_base_url": f"http://127.0.0.1:{model_port}",
             "anthropic_api_key": "sk-ant-bench",
+            "rate_limit": "",  # throughput of one user is measured, not the limiter
             "jwt_secret": "bench-secret-" + "x" * 40,
             "log_level": "WARNING",
         }

@@ -144,6 +144,7 @@ def main() -> None:
         redis_url=redis_server.url,
         anthropic_base_url=f"http://127.0.0.1:{model.port}",
         anthropic_api_key="sk-ant-bench",
+        rate_limit="",  # the benchmark is one user firing as fast as it can
         image=IMAGE,
     )
     gateway = GatewayServer(settings).start()

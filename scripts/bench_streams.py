@@ -95,6 +95,7 @@ async def run(streams: int, samples: int) -> None:
             "redis_url": redis_server.url,
             "anthropic_base_url": f"http://127.0.0.1:{model.port}",
             "anthropic_api_key": "sk-ant-bench",
+            "rate_limit": "",  # throughput of one user is measured, not the limiter
         }
     ).start()
     token = mint_token(key=secret, user=f"bench-{uuid.uuid4().hex[:6]}", ttl_s=3600)

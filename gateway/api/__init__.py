@@ -3,8 +3,9 @@
 from fastapi import APIRouter
 
 from gateway.api import artifacts, chat, events, family, health, sessions, stream, usage
+from gateway.schemas import API_ERRORS
 
-api_router = APIRouter(prefix="/api/v1")
+api_router = APIRouter(prefix="/api/v1", responses=API_ERRORS)
 api_router.include_router(sessions.router)
 api_router.include_router(chat.router)
 api_router.include_router(family.router)

@@ -18,6 +18,9 @@ from gateway.services.events import SlowConsumer, envelope_seq, follow_session
 from gateway.services.history import archive_reader, read_page
 
 logger = logging.getLogger(__name__)
+MAX_SEQ = 2**31 - 1
+"""Largest seq (the events table's seq is a 32-bit integer on PostgreSQL)."""
+
 router = APIRouter(prefix="/sessions/{session_id}/events", tags=["events"])
 
 _KEEPALIVE_S = 15.0
@@ -42,7 +45,7 @@ def _failure_frame(exc: Exception) -> bytes:
 async def list_events(
     session: OwnedSession,
     request: Request,
-    after_seq: Annotated[int, Query(ge=0)] = 0,
+    after_seq: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     """A page of the session's history: envelopes with seq > ``after_seq``, in order.
@@ -70,9 +73,12 @@ async def list_events(
 def _resume_point(after_seq: int | None, last_event_id: str | None) -> int:
     if last_event_id:
         try:
-            return max(0, int(last_event_id))
+            seq = int(last_event_id)
         except ValueError as exc:
             raise InvalidRequest("Last-Event-ID must be the seq of an event") from exc
+        if not 0 <= seq <= MAX_SEQ:
+            raise InvalidRequest(f"Last-Event-ID must be a seq between 0 and {MAX_SEQ}")
+        return seq
     return after_seq or 0
 
 
@@ -81,7 +87,7 @@ async def stream_events(
     session: OwnedSession,
     request: Request,
     service: ServiceDep,
-    after_seq: Annotated[int | None, Query(ge=0)] = None,
+    after_seq: Annotated[int | None, Query(ge=0, le=MAX_SEQ)] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
     """Server-Sent Events: every event after ``Last-Event-ID`` (or ``after_seq``), then live.

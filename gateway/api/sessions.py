@@ -75,7 +75,7 @@ async def list_sessions(
     service: ServiceDep,
     status_filter: Annotated[SessionStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> SessionList:
     """The caller's sessions, newest first."""
     rows, total = await service.list_sessions(

@@ -11,7 +11,9 @@ replies without ``seq``: ``{"type":"ack","message_id"}``, ``{"type":"pong"}``,
 Client -> server: ``{"type":"prompt","prompt":...,"timeout_seconds"?}``,
 ``{"type":"interrupt"}``, ``{"type":"ping"}``.
 Close codes: 4401 bad or missing token, 4404 unknown session, 4429 client too slow (resume with
-after_seq), 1011 a dependency failed.
+after_seq), 1013 the user's rate limit is spent (try again later), 1009 a message over
+CCGATE_MAX_REQUEST_BYTES, 1011 a dependency failed. A prompt over the rate limit is answered
+``{"type":"error","code":"rate_limited","retry_after":N}`` and the socket stays open.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
+from gateway.api.events import MAX_SEQ
 from gateway.auth import InvalidToken, Principal, decode_token
-from gateway.errors import GatewayError, NotFound
+from gateway.errors import GatewayError, NotFound, RateLimited
 from gateway.schemas import ChatRequest
 from gateway.services.events import SlowConsumer, follow_session
 from gateway.services.history import archive_reader
@@ -39,6 +42,7 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_NOT_FOUND = 4404
 CLOSE_SLOW_CONSUMER = 4429
 CLOSE_DEPENDENCY = 1011
+CLOSE_TRY_LATER = 1013
 _SUBPROTOCOL_NAMES = ("bearer", "ccgate.bearer")
 
 
@@ -64,20 +68,26 @@ async def session_stream(websocket: WebSocket, session_id: str) -> None:
     state = websocket.app.state
     token, subprotocol = _token_from(websocket)
     try:
-        after_seq = max(0, int(websocket.query_params.get("after_seq", "0")))
+        after_seq = int(websocket.query_params.get("after_seq", "0"))
     except ValueError:
+        after_seq = -1
+    if not 0 <= after_seq <= MAX_SEQ:
         after_seq = -1
     await websocket.accept(subprotocol=subprotocol)
     if after_seq < 0:
-        await websocket.close(code=1008, reason="after_seq must be a non-negative integer")
+        await websocket.close(code=1008, reason=f"after_seq must be an integer 0..{MAX_SEQ}")
         return
     if token is None:
         await websocket.close(code=CLOSE_UNAUTHORIZED, reason="missing bearer token")
         return
     try:
         principal = decode_token(token, key=state.jwt_key)
+        await state.rate_limiter.hit(principal.user)
     except InvalidToken as exc:
         await websocket.close(code=CLOSE_UNAUTHORIZED, reason=f"invalid token: {exc}"[:120])
+        return
+    except RateLimited as exc:
+        await websocket.close(code=CLOSE_TRY_LATER, reason=exc.message[:120])
         return
     service: SessionService = state.sessions
     try:
@@ -165,6 +175,8 @@ async def _handle_client_message(
     if kind == "ping":
         return {"type": "pong"}
     try:
+        if kind == "prompt":
+            await state.rate_limiter.hit(principal.user)
         async with state.db_factory() as db:
             session = await service.authorize(
                 db=db, principal=principal, session_id=session_id, allow_self=False
@@ -182,6 +194,14 @@ async def _handle_client_message(
                 return {"type": "ack", "interrupt": True, "id": message.get("id")}
     except ValidationError as exc:
         return {"type": "error", "detail": exc.errors(include_url=False)[0]["msg"]}
+    except RateLimited as exc:
+        return {
+            "type": "error",
+            "detail": exc.message,
+            "code": exc.code,
+            "retry_after": exc.retry_after_s,
+            "id": message.get("id"),
+        }
     except GatewayError as exc:
         return {"type": "error", "detail": exc.message, "code": exc.code}
     return {"type": "error", "detail": "type must be one of prompt, interrupt, ping"}

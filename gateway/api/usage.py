@@ -25,13 +25,15 @@ async def daily(
     """Tokens and cost the model proxy metered for the caller per UTC day (newest first).
 
     Operators (``CCGATE_OPERATORS``) may ask for another user with ``?user=``; anyone else
-    gets 403 for a user other than themselves.
+    gets 403 for a user other than themselves, and a session token (a container's) 403.
     """
     settings = request.app.state.settings
+    if user.session_scope is not None:
+        raise Forbidden(
+            "a session token reaches only its own subtree: use GET /sessions/{id}/usage"
+        )
     target = of or user.user
-    if target != user.user and (
-        user.session_scope is not None or user.user not in settings.operators
-    ):
+    if target != user.user and user.user not in settings.operators:
         raise Forbidden("only an operator (CCGATE_OPERATORS) may read another user's usage")
     return await usage.daily_usage(
         db, user=target, days=days, daily_budget_usd=settings.user_daily_budget_usd

@@ -48,6 +48,7 @@ def _settings(
         "anthropic_api_key": "sk-ant-scripted",
         "container_memory": "1g",
         "stop_timeout_s": 5,
+        "rate_limit": "",  # one user's hundreds of streams and waiters are the load here
     }
     if db == "postgresql":
         values["database_url"] = postgres.url
