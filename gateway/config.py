@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     container_pids: int = 512
     container_nofile: int = Field(default=4096, ge=256, le=1_048_576)
     """Open files per session container (soft and hard limit)."""
+    container_runtime: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """OCI runtime of session containers (e.g. ``runsc`` for gVisor; it must be registered
+    with Docker); default: Docker's own (runc)."""
     container_tmp_mib: int = Field(default=512, ge=16)
     """Size of a session container's /tmp (tmpfs; the root filesystem is read-only)."""
     container_home_mib: int = Field(default=256, ge=16)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepare this machine for ccgate (idempotent; Debian 12 / Ubuntu 24.04, as root):
 #   - Docker engine (docker.io) if absent, started without systemd when needed
+#   - with CCGATE_SETUP_GVISOR=1: gVisor's runsc, registered as a Docker runtime
 #   - redis-server, PostgreSQL server programs, debootstrap (for the registry-less image build)
 #   - a Python >= 3.11 virtualenv in .venv with ccgate and its test tools
 #   - the session image and the test suite's service images (scripts/build-image.sh; cached
@@ -32,6 +33,44 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 command -v dockerd >/dev/null || die "dockerd is still missing after installing docker.io"
+
+# --- gVisor (optional): CCGATE_SETUP_GVISOR=1 installs runsc and registers it with Docker ---
+if [ "${CCGATE_SETUP_GVISOR:-0}" = "1" ]; then
+  if ! command -v runsc >/dev/null; then
+    log "installing runsc (gVisor)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends runsc >/dev/null \
+      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends runsc >/dev/null; }
+  fi
+  # Register the runtime in daemon.json (merged, other settings kept); a running engine
+  # without it is restarted (on a fresh machine nothing runs yet). Debian's runsc
+  # (2022-12) mistakes Docker's network namespace for the root one on newer kernels ("cannot
+  # run with network enabled in root network namespace"), so it runs with --network=host:
+  # gVisor then uses the kernel's network stack *inside the container's own namespace* (the
+  # sessions network and the host firewall apply as under runc); every other syscall still
+  # goes to gVisor's kernel.
+  mkdir -p /etc/docker
+  python3 - <<'PY'
+import json, pathlib
+path = pathlib.Path("/etc/docker/daemon.json")
+config = json.loads(path.read_text()) if path.exists() and path.read_text().strip() else {}
+config.setdefault("runtimes", {})["runsc"] = {
+    "path": "/usr/bin/runsc",
+    "runtimeArgs": ["--network=host"],
+}
+path.write_text(json.dumps(config, indent=2) + "\n")
+PY
+  if docker info >/dev/null 2>&1 \
+    && ! docker info --format '{{json .Runtimes}}' | grep -q 'runsc.*network=host'; then
+    log "restarting dockerd to register runsc"
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+      systemctl restart docker
+    else
+      pkill -x dockerd || true
+      for _ in $(seq 1 60); do pgrep -x dockerd >/dev/null || break; sleep 0.5; done
+    fi
+  fi
+fi
 
 # --- Docker engine ----------------------------------------------------------------------
 if ! docker info >/dev/null 2>&1; then

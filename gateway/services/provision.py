@@ -106,6 +106,7 @@ class Provisioning(ServiceBase):
                 nofile=self.settings.container_nofile,
                 extra_hosts=self.settings.container_extra_hosts,
                 cap_add=WRAPPER_CAPS,
+                runtime=self.settings.container_runtime,
                 read_only=True,
                 tmpfs=session_tmpfs(
                     self.settings.container_tmp_mib,

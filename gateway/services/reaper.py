@@ -33,6 +33,7 @@ from gateway.db.errors import is_outage
 from gateway.db.models import Session, SessionStatus, Turn, TurnStatus, as_utc, utcnow
 from gateway.errors import DependencyUnavailable, GatewayError
 from gateway.services import session_redis
+from gateway.services.envelopes import notice_key
 from gateway.services.runtime import ContainerRuntime, ContainerState
 from gateway.services.runtime.base import LABEL_HELPER, LABEL_SESSION
 from gateway.services.tree import LIVE, end_session, lock_tree
@@ -165,6 +166,7 @@ class Reaper:
                             "status": "failed",
                             "error": session.error,
                         },
+                        key=notice_key(self._jwt_key),
                     )
         for session in live:
             if self._session_acl and await session_redis.ensure_acl_user(

@@ -20,6 +20,7 @@ from gateway.errors import (
 from gateway.metrics import Metrics
 from gateway.services import family, session_redis
 from gateway.services.artifacts import ArtifactStore
+from gateway.services.envelopes import notice_key
 from gateway.services.events import EventHub
 from gateway.services.ledger import Ledger
 from gateway.services.network import SessionsNetwork
@@ -79,6 +80,8 @@ class ServiceBase:
 
     async def _notify(self, parent_id: str, event: EventType, data: dict[str, Any]) -> None:
         try:
-            await session_redis.notify(self.redis, parent_id, event, data)
+            await session_redis.notify(
+                self.redis, parent_id, event, data, key=notice_key(self.jwt_key)
+            )
         except DependencyUnavailable as exc:
             logger.warning("could not notify %s of %s: %s", parent_id, event, exc)

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.errors import DependencyUnavailable
+from gateway.services.envelopes import sign_notice
 from wrapper.protocol import (
     LEDGER_GROUP,
     ControlMessage,
@@ -179,11 +180,18 @@ async def token_ttl(client: aioredis.Redis, session_id: str) -> int:
 
 
 async def notify(
-    client: aioredis.Redis, session_id: str, event: EventType, data: dict[str, Any]
+    client: aioredis.Redis,
+    session_id: str,
+    event: EventType,
+    data: dict[str, Any],
+    *,
+    key: bytes,
 ) -> None:
     """Ask a session's wrapper to publish a child_* event in its stream (best effort: a
-    stopped session has no reader, and its keys go with it)."""
-    message = ControlMessage(type=ControlType.NOTIFY, event=event.value, data=data)
+    stopped session has no reader, and its keys go with it). ``data`` is signed with ``key``
+    (envelopes.py: the ledger refuses a gateway event without the signature)."""
+    signed = sign_notice(key, session_id, event.value, data)
+    message = ControlMessage(type=ControlType.NOTIFY, event=event.value, data=signed)
     with _redis_errors():
         await client.rpush(control_key(session_id), message.to_json())
 

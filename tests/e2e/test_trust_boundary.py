@@ -98,6 +98,10 @@ async def test_the_metered_cost_is_the_proxys_and_the_session_credential_dies_wi
     assert daily["total"]["cost_usd"] == pytest.approx(usage["total"]["cost_usd"])
     other = await api.http.get("/api/v1/usage", params={"user": "someone-else"})
     assert other.status_code == 403
+    # The pinned CLI called nothing the proxy does not serve (an unknown route is counted).
+    metrics = (await api.http.get("/metrics")).text
+    assert 'ccgate_proxy_requests_total{route="messages",status="200"}' in metrics
+    assert 'route="unknown"' not in metrics
 
     container = docker_client.containers.get(f"ccgate-{sid}")
     env = dict(e.split("=", 1) for e in container.attrs["Config"]["Env"])
@@ -212,3 +216,36 @@ async def test_the_agent_cannot_read_the_wrappers_redis_login_or_gain_privileges
         environment={"A": password[:half], "B": password[half:]},
     )
     assert out.decode().split() == ["searched"], out.decode()
+
+
+async def test_the_agent_cannot_forge_a_turn_completed(
+    make_api: Any, docker_client: docker.DockerClient
+) -> None:
+    """The agent tries to append a turn_completed claiming a made-up result and cost to its
+    own stream. It has no Redis login (the wrapper's is out of its reach), so Redis refuses;
+    the turn and the metered cost stay what they were."""
+    api: Api = make_api()
+    sid = await _create(api)
+    done = await _chat(api, sid, "echo genuine")
+    before = (await api.http.get(f"/api/v1/sessions/{sid}")).json()
+    container = docker_client.containers.get(f"ccgate-{sid}")
+    env = dict(e.split("=", 1) for e in container.attrs["Config"]["Env"])
+    hostport = env["CCGATE_REDIS_URL"].rsplit("@", 1)[1].split("/", 1)[0]
+    forge = f"""
+import json, redis
+envelope = {{"seq": 999, "session_id": "{sid}", "turn_id": "{done["message_id"]}", "ts": 0,
+            "type": "turn_completed", "source": "wrapper",
+            "data": {{"result": "forged", "total_cost_usd": 999, "is_error": False}}}}
+client = redis.Redis.from_url("redis://{hostport}/0", socket_timeout=5)
+try:
+    client.xadd("ccgate:session:{sid}:events", {{"e": json.dumps(envelope)}}, id="999-0")
+    print("appended")
+except redis.RedisError as exc:
+    print("refused", type(exc).__name__)
+"""
+    _, out = container.exec_run(["/opt/ccgate/bin/python", "-c", forge], user="1000")
+    assert out.decode().split()[0] == "refused", out.decode()
+    after = (await api.http.get(f"/api/v1/sessions/{sid}")).json()
+    message = (await api.http.get(f"/api/v1/sessions/{sid}/messages/{done['message_id']}")).json()
+    assert message["result"] == done["result"] and message["cost_usd"] == done["cost_usd"]
+    assert after["total_cost_usd"] == before["total_cost_usd"]

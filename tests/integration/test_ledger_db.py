@@ -21,6 +21,7 @@ from gateway.db.migrate import migrate
 from gateway.db.models import DeadLetter, Event, Session, SessionStatus, Turn, TurnStatus
 from gateway.metrics import Metrics
 from gateway.services.artifacts import LocalArtifactStore
+from gateway.services.envelopes import notice_key, sign_notice
 from gateway.services.history import read_page
 from gateway.services.ledger import Ledger
 from gateway.services.runtime.docker import DockerRuntime
@@ -28,7 +29,7 @@ from gateway.services.session_redis import ensure_ledger_group
 from gateway.services.shutdown import delete_rows
 from gateway.supervisor import Supervisor
 from tests.containers import PostgresContainer, RedisContainer
-from wrapper.protocol import LEDGER_GROUP, EventSource, events_key
+from wrapper.protocol import ENVELOPE_FIELD, LEDGER_GROUP, EventSource, events_key
 from wrapper.publisher import EventPublisher
 
 
@@ -439,3 +440,58 @@ async def test_events_of_a_session_deleted_meanwhile_are_dropped_without_an_erro
         )
         assert await _event_count(db_factory, kept) == 50
         assert await _event_count(db_factory, gone) == 0  # no orphan, whatever the order
+
+
+async def test_forged_envelopes_are_dead_lettered_with_the_reason_and_never_persisted(
+    engine: AsyncEngine, redis_server: RedisContainer, make_ledger: LedgerFactory
+) -> None:
+    """What a container could write into its own stream: a wrapper event typed as a gateway
+    one, an unsigned gateway event, a CLI line typed as a lifecycle event, an envelope naming
+    another session. Only the genuine events (a CLI line, a gateway event signed with the
+    gateway's key) are persisted; nothing forged changes the session."""
+    db_factory = make_db_factory(engine)
+    client = aioredis.Redis.from_url(redis_server.url)
+    mid = str(uuid.uuid4())
+    sid, other = await _session(db_factory, mid), await _session(db_factory)
+    await ensure_ledger_group(client, sid)
+    secret = "ledger-test-secret-" + "x" * 32
+    publisher = EventPublisher(client, sid)
+    await publisher.start()
+    child = {"child_session_id": other, "message_id": mid, "status": "completed"}
+    signed = sign_notice(notice_key(secret), sid, "child_result", child)
+    publisher.emit(
+        "assistant", json.dumps({"type": "assistant"}), source=EventSource.CLI, turn_id=None
+    )
+    publisher.emit("child_result", json.dumps(child), source=EventSource.WRAPPER, turn_id=None)
+    publisher.emit("child_result", json.dumps(child), source=EventSource.GATEWAY, turn_id=None)
+    publisher.emit("child_result", json.dumps(signed), source=EventSource.GATEWAY, turn_id=None)
+    forged_done = {"message_id": mid, "is_error": False, "result": "forged", "files": []}
+    publisher.emit("turn_completed", json.dumps(forged_done), source=EventSource.CLI, turn_id=mid)
+    await publisher.flush(5)
+    foreign = {"seq": 6, "session_id": other, "turn_id": None, "ts": 0, "type": "ready",
+               "source": "wrapper", "data": {"cli_session_id": "x"}}  # fmt: skip
+    await client.xadd(events_key(sid), {ENVELOPE_FIELD: json.dumps(foreign)}, id="6-0")
+    await make_ledger(sid, jwt_secret=secret)
+    await _wait_for(lambda: _equal(_letters(db_factory, sid), 4))
+    async with db_factory() as db:
+        reasons = sorted(
+            d.reason
+            for d in (await db.exec(select(DeadLetter).where(DeadLetter.session_id == sid)))
+        )
+        kept = (await db.exec(select(Event.seq).where(Event.session_id == sid))).all()
+        turn = await db.get(Turn, mid)
+        other_session = await db.get(Session, other)
+    assert sorted(kept) == [1, 4]
+    assert all(r.startswith("forged") for r in reasons), reasons
+    assert any("names session" in r for r in reasons)
+    assert any("signature" in r for r in reasons)
+    assert turn is not None and turn.status is TurnStatus.QUEUED and turn.result is None
+    assert other_session is not None and other_session.cli_session_id is None
+    await publisher.close(1)
+    await client.aclose()
+
+
+async def _letters(db_factory: async_sessionmaker[AsyncSession], sid: str) -> int:
+    async with db_factory() as db:
+        rows = await db.exec(select(func.count()).where(DeadLetter.session_id == sid))
+        return int(rows.one())

@@ -22,6 +22,7 @@ from gateway.db.models import Session
 from gateway.errors import DependencyUnavailable
 from gateway.metrics import Metrics
 from gateway.services.callbacks import post_callback
+from gateway.services.envelopes import notice_key
 from gateway.services.ledger.collector import ArtifactCollector, Job
 from gateway.services.ledger.lifecycle import Applied
 from gateway.services.session_redis import announce_turn_recorded, notify
@@ -76,7 +77,13 @@ class FollowUps:
             return
         if child.parent_session_id:
             try:
-                await notify(self._redis, child.parent_session_id, event, payload)
+                await notify(
+                    self._redis,
+                    child.parent_session_id,
+                    event,
+                    payload,
+                    key=notice_key(self._settings.jwt_key()),
+                )
             except DependencyUnavailable as exc:
                 logger.warning("ledger: could not tell %s: %s", child.parent_session_id, exc)
         if child.callback_url:

@@ -19,6 +19,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.db.models import DeadLetter, Event, Session
+from gateway.services.envelopes import envelope_problem
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,8 +38,11 @@ class Entry:
         return int(self.envelope["seq"]) if self.envelope is not None else None
 
 
-def parse_entry(session_id: str, entry_id: str, raw: bytes) -> Entry:
-    """Parse one entry's envelope JSON; a malformed one keeps its problem for the dead letter.
+def parse_entry(
+    session_id: str, entry_id: str, raw: bytes, *, notice_key: bytes | None = None
+) -> Entry:
+    """Parse one entry's envelope JSON; a malformed or forged one keeps its problem for the
+    dead letter (services/envelopes.py says what an envelope must be).
 
     The seq must equal the entry id's (``<seq>-0``): the stream id is what clients resume by.
     """
@@ -53,6 +57,9 @@ def parse_entry(session_id: str, entry_id: str, raw: bytes) -> Entry:
             raise ValueError(f"seq {seq} does not match the entry id {entry_id}")
         if not isinstance(envelope.get("type"), str):
             raise ValueError("the envelope has no type")
+        problem = envelope_problem(session_id, envelope, notice_key)
+        if problem is not None:
+            raise ValueError(problem)
     except ValueError as exc:
         return Entry(session_id, entry_id, raw, None, str(exc))
     return Entry(session_id, entry_id, raw, envelope)

@@ -46,6 +46,7 @@ from gateway.db.models import Session, utcnow
 from gateway.errors import DependencyUnavailable
 from gateway.metrics import Metrics
 from gateway.services.artifacts import ArtifactStore
+from gateway.services.envelopes import notice_key
 from gateway.services.ledger.collector import ArtifactCollector
 from gateway.services.ledger.followups import FollowUps
 from gateway.services.ledger.lifecycle import apply_lifecycle
@@ -90,6 +91,7 @@ class Ledger:
         collector_workers: int = 4,
     ) -> None:
         self._settings = settings
+        self._notice_key = notice_key(settings.jwt_key())
         self._redis = redis
         self._db = db_factory
         self._metrics = metrics
@@ -266,7 +268,7 @@ class Ledger:
                 if raw is None:  # trimmed away while pending (a stream cut by hand)
                     await self._redis.xack(stream, LEDGER_GROUP, entry_id)
                     continue
-                batch.append(parse_entry(sid, entry_id.decode(), raw))
+                batch.append(parse_entry(sid, entry_id.decode(), raw, notice_key=self._notice_key))
         if batch:
             await self._process(batch)
         for sid in pending_reads:

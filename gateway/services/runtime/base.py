@@ -81,6 +81,8 @@ class ContainerSpec:
     nofile: int = 4096
     user: str = "0:0"
     cap_add: tuple[str, ...] = ()
+    runtime: str | None = None
+    """OCI runtime (``runsc``: gVisor); None: the engine's default."""
     read_only: bool = False
     """Read-only root filesystem; ``tmpfs`` then lists the writable places."""
     tmpfs: dict[str, str] = field(default_factory=dict)

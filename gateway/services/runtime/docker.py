@@ -201,6 +201,7 @@ class DockerRuntime(ContainerRuntime):
                 cap_drop=["ALL"],
                 cap_add=list(spec.cap_add),
                 read_only=spec.read_only,
+                runtime=spec.runtime,
                 tmpfs=spec.tmpfs,
                 security_opt=["no-new-privileges:true"],
                 mem_limit=spec.memory,
