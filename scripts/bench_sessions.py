@@ -100,7 +100,8 @@ def bench_bare(model_port: int, n: int) -> dict[str, list[float]]:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
             [
-                "docker", "run", "--rm", "-i", "--add-host", "host.docker.internal:host-gateway",
+                "docker", "run", "--rm", "-i", "--user", "1000:1000",
+                "--add-host", "host.docker.internal:host-gateway",
                 "-e", f"ANTHROPIC_BASE_URL=http://host.docker.internal:{model_port}",
                 "-e", "ANTHROPIC_API_KEY=sk-ant-bench", "--entrypoint", "claude", IMAGE,
                 "--input-format=stream-json", "--output-format=stream-json", "--verbose",
