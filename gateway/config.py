@@ -81,6 +81,14 @@ class Settings(BaseSettings):
     """Docker engine URL; default: DOCKER_HOST or the local socket."""
     image: str = "ccgate-session:latest"
     docker_network: str = "ccgate-sessions"
+    egress_proxy_bin: str = "tinyproxy"
+    """The forward proxy of ``allowlist`` sessions (Debian's tinyproxy 1.11)."""
+    egress_ports: str = Field(default="30000-30999", pattern=r"^\d{1,5}-\d{1,5}$")
+    """Host ports the egress proxies listen on (the firewall lets containers reach them)."""
+    egress_connect_ports: list[int] = Field(default_factory=lambda: [443, 80])
+    """Ports an allowlist session may open through its proxy (CONNECT and plain HTTP)."""
+    egress_host: str = "host.docker.internal"
+    """How containers reach the egress proxies (the host, like the gateway)."""
     sessions_network_internal: bool = True
     """Make the sessions network internal: no route out through Docker's NAT."""
     sessions_firewall: Literal["auto", "on", "off"] = "auto"
@@ -262,6 +270,12 @@ class Settings(BaseSettings):
         else:
             auth = ""
         return urlunsplit((parts.scheme, auth + hostport, parts.path or "/0", "", ""))
+
+    @property
+    def egress_port_range(self) -> tuple[int, int]:
+        """``egress_ports`` as (low, high)."""
+        low, high = (int(p) for p in self.egress_ports.split("-"))
+        return low, high
 
     @property
     def model_upstream_url(self) -> str:

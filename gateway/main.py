@@ -41,6 +41,7 @@ from gateway.logs import RequestIdMiddleware, request_id
 from gateway.metrics import Metrics
 from gateway.observe import register_gauges
 from gateway.services.artifacts import ArtifactStore, LocalArtifactStore, S3ArtifactStore
+from gateway.services.egress import EgressProxies
 from gateway.services.events import EventHub
 from gateway.services.ledger import Ledger
 from gateway.services.model_proxy import ModelProxy
@@ -171,6 +172,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.reaper = reaper
         app.state.supervisor = supervisor
         app.state.metrics = metrics_
+        egress = EgressProxies(settings, db_factory)
+        supervisor.start("egress-sweep", egress.sweep)
         app.state.sessions = SessionService(
             settings=settings,
             redis=redis,
@@ -181,6 +184,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             db_factory=db_factory,
             ledger=ledger,
             metrics=metrics_,
+            egress=egress,
         )
         register_gauges(app)
         try:
@@ -192,6 +196,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await supervisor.close()
             await proxy.close()
+            await egress.close()
             await ledger.close()
             await hub.close()
             await redis.aclose()

@@ -74,6 +74,39 @@ class WorkspaceSpec(_Strict):
         return self
 
 
+_DOMAIN = re.compile(
+    r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+)
+
+
+class EgressConfig(_Strict):
+    """Where a session's container may connect besides the gateway: ``none`` (default: nowhere)
+    or ``allowlist`` (these domains, through a forward proxy; ``*.example.com`` includes
+    subdomains)."""
+
+    policy: Literal["none", "allowlist"] = "none"
+    domains: list[str] = Field(default_factory=list, max_length=100)
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, domains: list[str]) -> list[str]:
+        out = []
+        for domain in domains:
+            name = domain.strip().lower().rstrip(".")
+            if len(name) > 253 or not _DOMAIN.match(name):
+                raise ValueError(f"{domain!r} is not a domain name (or *.domain)")
+            out.append(name)
+        return out
+
+    @model_validator(mode="after")
+    def _allowlist_has_domains(self) -> EgressConfig:
+        if self.policy == "allowlist" and not self.domains:
+            raise ValueError("an allowlist needs at least one domain")
+        if self.policy == "none" and self.domains:
+            raise ValueError("domains are only for policy 'allowlist'")
+        return self
+
+
 class SessionConfig(_Strict):
     """How the session's CLI runs; every field is passed to the Claude Code CLI."""
 
@@ -93,6 +126,8 @@ class SessionConfig(_Strict):
     mcp_servers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
     include_partial_messages: bool = False
+    egress: EgressConfig = Field(default_factory=EgressConfig)
+    """Network egress of the session's container (SECURITY.md)."""
 
     @field_validator("allowed_tools", "disallowed_tools")
     @classmethod

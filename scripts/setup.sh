@@ -2,7 +2,8 @@
 # Prepare this machine for ccgate (idempotent; Debian 12 / Ubuntu 24.04, as root):
 #   - Docker engine (docker.io) if absent, started without systemd when needed
 #   - with CCGATE_SETUP_GVISOR=1: gVisor's runsc, registered as a Docker runtime
-#   - redis-server, PostgreSQL server programs, debootstrap (for the registry-less image build)
+#   - redis-server, PostgreSQL server programs, debootstrap (for the registry-less image build),
+#     iptables (the sessions firewall), tinyproxy (egress allowlists)
 #   - a Python >= 3.11 virtualenv in .venv with ccgate and its test tools
 #   - the session image and the test suite's service images (scripts/build-image.sh; cached
 #     layers make reruns fast)
@@ -33,6 +34,17 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 command -v dockerd >/dev/null || die "dockerd is still missing after installing docker.io"
+# tinyproxy: the forward proxy of egress-allowlist sessions (the gateway runs one per session;
+# the package's own service is kept from starting).
+if ! command -v tinyproxy >/dev/null; then
+  log "installing tinyproxy"
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq --no-install-recommends tinyproxy >/dev/null \
+    || { apt-get update -qq && apt-get install -y -qq --no-install-recommends tinyproxy >/dev/null; }
+  rm -f /usr/sbin/policy-rc.d
+fi
+command -v tinyproxy >/dev/null || die "tinyproxy is still missing after installing it"
 
 # --- gVisor (optional): CCGATE_SETUP_GVISOR=1 installs runsc and registers it with Docker ---
 if [ "${CCGATE_SETUP_GVISOR:-0}" = "1" ]; then

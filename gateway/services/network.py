@@ -36,6 +36,9 @@ class SessionsNetwork:
         self._ready = False
         self.firewall_active = False
         """True once the firewall rules are in place (for /metrics and the log)."""
+        self.host_gateway = "0.0.0.0"
+        """The host's address on Docker's default bridge (where ``host-gateway`` points):
+        the egress proxies listen there."""
 
     async def ensure(self) -> None:
         """Make the network (and firewall) ready; a no-op once done. Raises
@@ -51,6 +54,8 @@ class SessionsNetwork:
                 internal=s.sessions_network_internal,
                 bridge=bridge_name(s.docker_network),
             )
+            if host_addresses:
+                self.host_gateway = host_addresses[-1]
             await self._apply_firewall(host_addresses)
             self._ready = True
 
@@ -86,6 +91,10 @@ class SessionsNetwork:
                 port = url.port or 6379
             for address in await self._addresses(host, host_addresses):
                 allowed.append(Allowed(address, port))
+        low, high = s.egress_port_range
+        egress_host = urlsplit(f"http://{s.egress_host}").hostname or ""
+        for address in await self._addresses(egress_host, host_addresses):
+            allowed.append(Allowed(address, f"{low}:{high}"))
         return allowed
 
     @staticmethod

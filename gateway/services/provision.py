@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from urllib.parse import urlsplit
 
 from sqlmodel import col, delete
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -72,8 +73,15 @@ class Provisioning(ServiceBase):
             token=token,
             token_ttl_s=ttl,
         )
-        assert self.network is not None
+        assert self.network is not None and self.egress is not None
         await self.network.ensure()
+        egress = session.config.get("egress") or {}
+        proxy_url = None
+        if egress.get("policy") == "allowlist":
+            grant = await self.egress.start(
+                sid, list(egress.get("domains") or []), listen=self.network.host_gateway
+            )
+            proxy_url = grant.url
         labels = {LABEL_SESSION: sid, LABEL_OWNER: owner}
         kind = WorkspaceType(session.workspace_type)
         if kind is WorkspaceType.PERSISTENT:
@@ -93,7 +101,7 @@ class Provisioning(ServiceBase):
             ContainerSpec(
                 name=f"ccgate-{sid}",
                 image=self.settings.image,
-                env=self._container_env(sid, env, username, password, proxy_key),
+                env=self._container_env(sid, env, username, password, proxy_key, proxy_url),
                 labels=labels,
                 mounts=[
                     VolumeMount(session.workspace_volume, WORKSPACE_MOUNT),
@@ -126,10 +134,17 @@ class Provisioning(ServiceBase):
         username: str | None,
         password: str | None,
         proxy_key: str,
+        egress_url: str | None = None,
     ) -> dict[str, str]:
-        """The container's environment: no upstream credential, only the session's own."""
+        """The container's environment: no upstream credential, only the session's own (and,
+        for an allowlist session, its egress proxy, bypassed for the gateway)."""
         env = dict(user_env)
         s = self.settings
+        if egress_url is not None:
+            no_proxy = f"{urlsplit(s.gateway_url_for_containers()).hostname},localhost,127.0.0.1"
+            for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+                env[name] = egress_url
+            env["NO_PROXY"] = env["no_proxy"] = no_proxy
         env.update(
             ANTHROPIC_BASE_URL=s.model_proxy_url_for_containers(),
             ANTHROPIC_API_KEY=proxy_key,
@@ -158,7 +173,10 @@ class Provisioning(ServiceBase):
             await db.commit()
 
     async def _remove_resources(self, session: Session, *, quiet: bool) -> None:
-        """Remove the container and the session's own volumes (never a shared workspace)."""
+        """Remove the container, its egress proxy and the session's own volumes (never a
+        shared workspace)."""
+        if self.egress is not None:
+            await self.egress.stop(session.id)
         volumes = [config_volume_name(session.id)]
         if not WorkspaceType(session.workspace_type).shared:
             volumes.append(session.workspace_volume)

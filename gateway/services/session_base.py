@@ -20,6 +20,7 @@ from gateway.errors import (
 from gateway.metrics import Metrics
 from gateway.services import family, session_redis
 from gateway.services.artifacts import ArtifactStore
+from gateway.services.egress import EgressProxies
 from gateway.services.envelopes import notice_key
 from gateway.services.events import EventHub
 from gateway.services.ledger import Ledger
@@ -49,10 +50,14 @@ class ServiceBase:
     metrics: Metrics
     network: SessionsNetwork | None = None
     """The sessions network and firewall (made from settings and runtime when not given)."""
+    egress: EgressProxies | None = None
+    """The forward proxies of allowlist sessions (made when not given)."""
 
     def __post_init__(self) -> None:
         if self.network is None:
             self.network = SessionsNetwork(self.settings, self.runtime)
+        if self.egress is None:
+            self.egress = EgressProxies(self.settings, self.db_factory)
 
     async def get_owned(self, *, db: AsyncSession, owner: str, session_id: str) -> Session:
         """The session if it exists and belongs to ``owner``; raises NotFound otherwise."""

@@ -55,6 +55,8 @@ class Shutdown(Provisioning):
                 # Only a wrapper that was alive says ``exited``; a dead one has nothing to record.
                 await self._await_recorded(session.id)
             await self.runtime.remove(session.container_id)
+        if self.egress is not None:
+            await self.egress.stop(session.id)
         await session_redis.drain_turns(self.redis, session.id)
         await session_redis.revoke_access(self.redis, session.id)
         await tree.lock_tree(db, session.root_id)

@@ -52,13 +52,14 @@ class Allowed:
     """One destination session containers may open TCP connections to."""
 
     address: str
-    port: int
+    port: int | str
+    """A port, or a range ``"low:high"``."""
 
 
 def chain_rules(allowed: Iterable[Allowed]) -> list[list[str]]:
     """The chain's rules in order (iptables arguments after ``-A <chain>``)."""
     rules = [["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"]]
-    for a in sorted(set(allowed), key=lambda x: (x.address, x.port)):
+    for a in sorted(set(allowed), key=lambda x: (x.address, str(x.port))):
         rules.append(
             [
                 "-p", "tcp", "-m", "conntrack",
