@@ -80,11 +80,12 @@ _DOMAIN = re.compile(
 
 
 class EgressConfig(_Strict):
-    """Where a session's container may connect besides the gateway: ``none`` (default: nowhere)
-    or ``allowlist`` (these domains, through a forward proxy; ``*.example.com`` includes
-    subdomains)."""
+    """Where a session's container may connect besides the gateway: ``none`` (default: nowhere),
+    ``allowlist`` (these domains, through a forward proxy; ``*.example.com`` includes
+    subdomains) or ``open`` (the internet, but no private, loopback or link-local address and
+    no port of the host but the gateway's and Redis's)."""
 
-    policy: Literal["none", "allowlist"] = "none"
+    policy: Literal["none", "allowlist", "open"] = "none"
     domains: list[str] = Field(default_factory=list, max_length=100)
 
     @field_validator("domains")
@@ -102,7 +103,7 @@ class EgressConfig(_Strict):
     def _allowlist_has_domains(self) -> EgressConfig:
         if self.policy == "allowlist" and not self.domains:
             raise ValueError("an allowlist needs at least one domain")
-        if self.policy == "none" and self.domains:
+        if self.policy != "allowlist" and self.domains:
             raise ValueError("domains are only for policy 'allowlist'")
         return self
 

@@ -25,6 +25,11 @@ logger = logging.getLogger(__name__)
 HOST_ALIAS = "host.docker.internal"
 
 
+def open_network(settings: Settings) -> str:
+    """The network of ``open`` egress sessions: not internal, same firewall otherwise."""
+    return f"{settings.docker_network}-open"
+
+
 class SessionsNetwork:
     """Ensures the network and the firewall before the first session container starts."""
 
@@ -32,6 +37,7 @@ class SessionsNetwork:
         self._settings = settings
         self._runtime = runtime
         self._firewall = SessionsFirewall(settings.docker_network)
+        self._open_firewall = SessionsFirewall(open_network(settings), open_egress=True)
         self._lock = asyncio.Lock()
         self._ready = False
         self.firewall_active = False
@@ -56,6 +62,9 @@ class SessionsNetwork:
             )
             if host_addresses:
                 self.host_gateway = host_addresses[-1]
+            await self._runtime.ensure_network(
+                open_network(s), internal=False, bridge=bridge_name(open_network(s))
+            )
             await self._apply_firewall(host_addresses)
             self._ready = True
 
@@ -66,6 +75,7 @@ class SessionsNetwork:
         try:
             allowed = await self._allowed(host_addresses)
             await self._firewall.apply(allowed)
+            await self._open_firewall.apply(allowed)
             self.firewall_active = True
         except (FirewallError, OSError) as exc:
             if mode == "on":

@@ -21,6 +21,7 @@ from gateway.errors import (
     GatewayError,
 )
 from gateway.services import session_redis, tree
+from gateway.services.network import open_network
 from gateway.services.runtime import ContainerSpec, VolumeMount
 from gateway.services.runtime.base import (
     LABEL_OWNER,
@@ -107,7 +108,11 @@ class Provisioning(ServiceBase):
                     VolumeMount(session.workspace_volume, WORKSPACE_MOUNT),
                     VolumeMount(config_volume_name(sid), CONFIG_MOUNT),
                 ],
-                network=self.settings.docker_network,
+                network=(
+                    open_network(self.settings)
+                    if egress.get("policy") == "open"
+                    else self.settings.docker_network
+                ),
                 memory=self.settings.container_memory,
                 cpus=self.settings.container_cpus,
                 pids=self.settings.container_pids,

@@ -104,3 +104,42 @@ async def test_a_session_reaches_the_gateway_and_its_redis_and_nothing_else(
         )
     ).stdout
     assert f"-i {bridge_name(network)} -j CCGATE-" in rules
+
+
+async def test_an_open_session_reaches_no_private_address_and_no_other_host_port(
+    make_api: Any,
+    docker_client: docker.DockerClient,
+    scripted_model: ScriptedModelServer,
+    postgres_server: PostgresContainer,
+    redis_server: RedisContainer,
+) -> None:
+    """``egress: open`` puts the session on a network with a route out (Docker's NAT); the
+    firewall still refuses the host's ports (but the gateway's and Redis's) and every private,
+    loopback and link-local destination. (Tests send no traffic beyond this machine, so the
+    internet side is checked as the route, not by a connection.)"""
+    api: Api = make_api()
+    r = await api.http.post("/api/v1/sessions", json={"config": {"egress": {"policy": "open"}}})
+    assert r.status_code == 201, r.text
+    sid = r.json()["session_id"]
+    done = await api.http.post(
+        f"/api/v1/sessions/{sid}/chat", json={"prompt": "echo open", "stream": False}
+    )
+    assert done.json()["status"] == "completed", done.text
+    container = docker_client.containers.get(f"ccgate-{sid}")
+    network = f"{api.gateway.settings.docker_network}-open"
+    assert list(container.attrs["NetworkSettings"]["Networks"]) == [network]
+    assert docker_client.networks.get(network).attrs["Internal"] is False
+    assert redis_server.container is not None
+    service = redis_server.container.get_wrapped_container()
+    redis_ip = _ip(docker_client.containers.get(service.id), "bridge")
+    host = "host.docker.internal"
+    targets = {
+        f"{host}:{api.gateway.port}": "open",
+        f"{host}:{redis_server.port}": "open",
+        f"{host}:{scripted_model.port}": "blocked",
+        f"{host}:{postgres_server.port}": "blocked",
+        f"{redis_ip}:6379": "blocked",  # a private address on another network
+    }
+    assert _probe(container, list(targets)) == targets
+    _, out = container.exec_run(["cat", "/proc/net/route"])
+    assert any(line.split()[1] == "00000000" for line in out.decode().splitlines()[1:])

@@ -56,8 +56,26 @@ class Allowed:
     """A port, or a range ``"low:high"``."""
 
 
-def chain_rules(allowed: Iterable[Allowed]) -> list[list[str]]:
-    """The chain's rules in order (iptables arguments after ``-A <chain>``)."""
+PRIVATE_NETWORKS = (
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "224.0.0.0/3",
+)
+"""Destinations an ``open`` session may not reach (its traffic to the internet is forwarded)."""
+
+
+def chain_rules(allowed: Iterable[Allowed], *, open_egress: bool = False) -> list[list[str]]:
+    """The chain's rules in order (iptables arguments after ``-A <chain>``).
+
+    Closed (the internal network): established, the allowed destinations, then REJECT.
+    Open: established, the allowed destinations, REJECT for the host itself and for private,
+    loopback, link-local and multicast destinations (matched before DNAT), then nothing: the
+    rest returns to Docker's own forwarding, i.e. the internet."""
     rules = [["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"]]
     for a in sorted(set(allowed), key=lambda x: (x.address, str(x.port))):
         rules.append(
@@ -67,15 +85,23 @@ def chain_rules(allowed: Iterable[Allowed]) -> list[list[str]]:
                 "-j", "ACCEPT",
             ]
         )  # fmt: skip
-    rules.append(["-j", "REJECT"])
+    if not open_egress:
+        rules.append(["-j", "REJECT"])
+        return rules
+    rules.append(["-m", "addrtype", "--dst-type", "LOCAL", "-j", "REJECT"])
+    for cidr in PRIVATE_NETWORKS:
+        rules.append(["-m", "conntrack", "--ctorigdst", cidr, "-j", "REJECT"])
     return rules
 
 
 class SessionsFirewall:
     """Adds the rules above for one sessions network (see the module docstring)."""
 
-    def __init__(self, network: str, iptables: str | None = None) -> None:
+    def __init__(
+        self, network: str, iptables: str | None = None, *, open_egress: bool = False
+    ) -> None:
         self.network = network
+        self.open_egress = open_egress
         self.bridge = bridge_name(network)
         self.chain = chain_name(network)
         self._iptables = iptables or shutil.which("iptables")
@@ -91,15 +117,17 @@ class SessionsFirewall:
         if self._iptables is None:
             raise FirewallError("iptables is not installed (scripts/setup.sh installs it)")
         await self._ok("-N", self.chain)  # fails, harmlessly, when the chain exists
-        wanted = chain_rules(allowed)
-        reject = wanted[-1]
-        for rule in wanted[:-1]:
+        wanted = chain_rules(allowed, open_egress=self.open_egress)
+        accepts = [r for r in wanted if r[-1] == "ACCEPT"]
+        tail = [r for r in wanted if r[-1] != "ACCEPT"]
+        for rule in accepts:
             if not await self._ok("-C", self.chain, *rule):
-                # Insert above the trailing REJECT (position 1 keeps order irrelevant: every
+                # Insert above the trailing REJECTs (position 1 keeps order irrelevant: every
                 # ACCEPT is independent of the others).
                 await self._run("-I", self.chain, "1", *rule)
-        if not await self._ok("-C", self.chain, *reject):
-            await self._run("-A", self.chain, *reject)
+        for rule in tail:
+            if not await self._ok("-C", self.chain, *rule):
+                await self._run("-A", self.chain, *rule)
         jumps = [
             ("INPUT", ["-i", self.bridge, "-j", self.chain]),
             ("DOCKER-USER", ["-i", self.bridge, "-j", self.chain]),

@@ -32,3 +32,13 @@ def test_nothing_allowed_is_still_a_closed_chain() -> None:
         ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"],
         ["-j", "REJECT"],
     ]
+
+
+def test_an_open_chain_refuses_the_host_and_private_ranges_and_returns_the_rest() -> None:
+    rules = chain_rules([Allowed("172.17.0.1", 8000)], open_egress=True)
+    assert rules[0][-1] == "ACCEPT" and rules[1][-1] == "ACCEPT"
+    assert ["-m", "addrtype", "--dst-type", "LOCAL", "-j", "REJECT"] in rules
+    refused = {r[r.index("--ctorigdst") + 1] for r in rules[2:] if "--ctorigdst" in r}
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8"} <= refused
+    assert "169.254.0.0/16" in refused
+    assert ["-j", "REJECT"] not in rules  # public destinations return to Docker's forwarding
