@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.db.engine import make_db_factory, make_engine
 from gateway.db.models import Session, SessionStatus, SpawnTree
-from gateway.services.model_proxy import new_proxy_key
+from gateway.services.metering.credentials import new_proxy_key
 from tests.servers import GatewayProcess, PostgresServer, RedisServer, free_port, wait_until
 
 

@@ -26,7 +26,7 @@ from gateway.errors import (
 from gateway.schemas import SessionConfig, SessionCreate, SpawnRequest
 from gateway.services import tree
 from gateway.services.callbacks import resolve_callback
-from gateway.services.model_proxy import new_proxy_key
+from gateway.services.metering.credentials import new_proxy_key
 from gateway.services.provision import Provisioning, workspace_volume_name
 from gateway.services.turns import TurnOps
 from wrapper.protocol import EventType, SessionSpec

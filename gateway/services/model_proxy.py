@@ -22,39 +22,30 @@ an unknown credential a 401, an unreachable upstream a 502, the database down a 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import re
-import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
 
 import httpx
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from gateway.config import Settings
 from gateway.db.errors import is_outage
-from gateway.db.models import ModelRequest, utcnow
 from gateway.metrics import Metrics
 from gateway.services.metering import budgets
 from gateway.services.metering.budgets import BudgetBusy, BudgetExhausted, Grant, Reservation
+from gateway.services.metering.credentials import GrantCache, credential_of, proxy_key_hash
 from gateway.services.metering.prices import PriceTable, Usage
+from gateway.services.metering.recorder import UNKNOWN_MODEL, MeteredCall, Recorder
 from gateway.services.metering.usage import StreamMeter, message_usage
 
 logger = logging.getLogger(__name__)
-
-KEY_PREFIX = "ccgate-sk-"
-"""Prefix of session credentials (so a leaked one is recognisable in logs and scanners)."""
 
 _FORWARD_REQUEST = {"anthropic-version", "anthropic-beta", "content-type", "user-agent", "x-app"}
 _HOP_RESPONSE = {"connection", "keep-alive", "transfer-encoding", "content-length", "set-cookie"}
@@ -67,17 +58,6 @@ _STATUS_TYPES = {
     502: "api_error",
     503: "api_error",
 }
-
-
-def new_proxy_key() -> tuple[str, str]:
-    """A fresh session credential and its SHA-256 hex (only the hash is stored)."""
-    key = KEY_PREFIX + secrets.token_urlsafe(32)
-    return key, proxy_key_hash(key)
-
-
-def proxy_key_hash(key: str) -> str:
-    """SHA-256 hex of a credential (the lookup key in ``Session.proxy_key_hash``)."""
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @dataclass
@@ -103,20 +83,6 @@ def api_error(status: int, message: str, headers: dict[str, str] | None = None) 
     )
 
 
-@dataclass
-class _Call:
-    """One metered request in flight."""
-
-    grant: Grant
-    held: Reservation
-    model: str
-    path: str
-    stream: bool
-    started: float
-    started_at: datetime = field(default_factory=utcnow)
-    id: str = field(default_factory=lambda: str(uuid.uuid4()))
-
-
 class ModelProxy:
     """Forwards the CLI's Messages API calls upstream, metering and budgeting them.
 
@@ -139,7 +105,7 @@ class ModelProxy:
         self.prices = prices or PriceTable(settings.prices)
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self._recorder = Recorder(db_factory, metrics, self.prices)
         self._grants = GrantCache(db_factory, ttl_s=settings.proxy_credential_cache_s)
 
     async def start(self) -> None:
@@ -163,8 +129,7 @@ class ModelProxy:
 
     async def close(self) -> None:
         """Finish background recordings (bounded) and close the client."""
-        if self._background:
-            await asyncio.wait(set(self._background), timeout=10)
+        await self._recorder.close()
         if self._client is not None:
             await self._client.aclose()
 
@@ -206,7 +171,7 @@ class ModelProxy:
         if route == "unknown":
             logger.warning("model proxy: no such route %s %s", method, path[:200])
             return api_error(404, f"ccgate model proxy: {method} {path[:200]} is not proxied")
-        key = _credential(headers)
+        key = credential_of(headers)
         if key is None:
             return self._refuse("auth", 401, "ccgate: no session credential (x-api-key)")
         try:
@@ -269,11 +234,13 @@ class ModelProxy:
                 return self._db_down(exc)
         else:
             model = _sniff_model(body)
-        call = _Call(grant, held, model, path, False, time.monotonic())
+        call = MeteredCall(grant, held, model, path, False, time.monotonic())
         try:
             upstream = await self._send("POST", path, query, headers, body)
         except httpx.HTTPError as exc:
-            await self._record(call, Usage(), status=502, error=f"upstream: {exc!r}"[:2000])
+            await self._recorder.record(
+                call, Usage(), status=502, error=f"upstream: {exc!r}"[:2000]
+            )
             return api_error(502, f"ccgate: the model API is unreachable ({type(exc).__name__})")
         self._metrics.proxy_first_byte_seconds.observe(time.monotonic() - call.started)
         out_headers = _response_headers(upstream.headers)
@@ -285,11 +252,15 @@ class ModelProxy:
         try:
             content = await _read_bounded(upstream, self._settings.proxy_max_response_bytes)
         except httpx.HTTPError as exc:
-            await self._record(call, Usage(), status=502, error=f"upstream: {exc!r}"[:2000])
+            await self._recorder.record(
+                call, Usage(), status=502, error=f"upstream: {exc!r}"[:2000]
+            )
             return api_error(502, f"ccgate: the model API response failed ({type(exc).__name__})")
         usage, echoed = message_usage(content) if upstream.status_code == 200 else (Usage(), None)
         error = None if upstream.status_code == 200 else content[:2000].decode(errors="replace")
-        await self._record(call, usage, status=upstream.status_code, error=error, model=echoed)
+        await self._recorder.record(
+            call, usage, status=upstream.status_code, error=error, model=echoed
+        )
         return ProxyResponse(upstream.status_code, out_headers, content)
 
     async def _send(
@@ -317,7 +288,7 @@ class ModelProxy:
             return api_error(502, f"ccgate: the model API is unreachable ({type(exc).__name__})")
         return ProxyResponse(upstream.status_code, _response_headers(upstream.headers), content)
 
-    async def _relay(self, call: _Call, upstream: httpx.Response) -> AsyncIterator[bytes]:
+    async def _relay(self, call: MeteredCall, upstream: httpx.Response) -> AsyncIterator[bytes]:
         """Yield upstream chunks as they come; record the request before ``message_stop``."""
         meter = StreamMeter()
         recorded = False
@@ -325,123 +296,39 @@ class ModelProxy:
             async for chunk in upstream.aiter_raw():
                 meter.feed(chunk)
                 if meter.stopped and not recorded:
-                    await self._record(call, meter.usage(), status=200, model=meter.model)
+                    await self._recorder.record(call, meter.usage(), status=200, model=meter.model)
                     recorded = True
                 yield chunk
             if not recorded:
-                await self._record(
+                await self._recorder.record(
                     call, meter.usage(), status=200, model=meter.model, error="no message_stop"
                 )
                 recorded = True
         except httpx.HTTPError as exc:
             error = f"upstream stream failed: {exc!r}"[:2000]
-            await self._record(call, meter.usage(), status=200, model=meter.model, error=error)
+            await self._recorder.record(
+                call, meter.usage(), status=200, model=meter.model, error=error
+            )
             recorded = True
             raise
         finally:
             if not recorded:
                 # Cancelled (the client went away): no await is safe here; record and close
                 # in the background with what was seen.
-                self._spawn(self._finish_cut(call, meter, upstream))
+                self._recorder.spawn(self._finish_cut(call, meter, upstream))
             else:
-                self._spawn(upstream.aclose())
+                self._recorder.spawn(upstream.aclose())
 
-    async def _finish_cut(self, call: _Call, meter: StreamMeter, upstream: httpx.Response) -> None:
+    async def _finish_cut(
+        self, call: MeteredCall, meter: StreamMeter, upstream: httpx.Response
+    ) -> None:
         with contextlib.suppress(Exception):
             await upstream.aclose()
-        await self._record(
+        await self._recorder.record(
             call, meter.usage(), status=499, model=meter.model, error="client disconnected"
         )
 
-    def _spawn(self, work: Awaitable[None]) -> None:
-        async def run() -> None:
-            try:
-                await work
-            except Exception:
-                logger.exception("model proxy: background step failed")
 
-        task = asyncio.get_running_loop().create_task(run())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _record(
-        self,
-        call: _Call,
-        usage: Usage,
-        *,
-        status: int,
-        error: str | None = None,
-        model: str | None = None,
-    ) -> None:
-        """Commit the request's cost and release its reservation; on a database failure the
-        commit is retried in the background (≤ 5 min) instead of failing the response."""
-        if model and call.model == UNKNOWN_MODEL:
-            call.model = model
-        fields: dict[str, Any] = dict(
-            id=call.id,
-            session_id=call.grant.session_id,
-            root_id=call.grant.root_id,
-            owner=call.grant.owner,
-            model=call.model,
-            path=call.path[:200],
-            stream=call.stream,
-            status_code=status,
-            cost_usd=self.prices.cost(call.model, usage),
-            reserved_usd=call.held.amount_usd,
-            complete=error is None,
-            error=error,
-            started_at=call.started_at,
-            duration_ms=int((time.monotonic() - call.started) * 1000),
-            **usage.as_dict(),
-        )
-        if model and model != call.model:
-            fields["error"] = (error or "") + f" (upstream answered as {model[:100]})"
-        try:
-            await self._commit(call, fields, usage)
-        except (SQLAlchemyError, OSError) as exc:
-            self._metrics.proxy_record_failures.labels(outcome="retried").inc()
-            logger.warning("model proxy: recording %s failed (%s); retrying", call.id, exc)
-            self._spawn(self._commit_retrying(call, fields, usage))
-            return
-        self._count(fields["cost_usd"], usage)
-
-    async def _commit(self, call: _Call, fields: dict[str, Any], usage: Usage) -> None:
-        async with self._db() as db:
-            await budgets.commit(db, call.grant, ModelRequest(**fields), usage, call.held)
-
-    async def _commit_retrying(self, call: _Call, fields: dict[str, Any], usage: Usage) -> None:
-        try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type((SQLAlchemyError, OSError)),
-                stop=stop_after_delay(300),
-                wait=wait_exponential(max=10),
-                reraise=True,
-            ):
-                with attempt:
-                    await self._commit(call, fields, usage)
-        except Exception:
-            self._metrics.proxy_record_failures.labels(outcome="lost").inc()
-            logger.error(
-                "model proxy: request %s of session %s could not be recorded "
-                "(cost $%.6f, tokens %s)",
-                call.id,
-                call.grant.session_id,
-                fields["cost_usd"],
-                usage.as_dict(),
-                exc_info=True,
-            )
-            return
-        self._count(fields["cost_usd"], usage)
-
-    def _count(self, cost_usd: float, usage: Usage) -> None:
-        for kind, value in usage.as_dict().items():
-            if value:
-                self._metrics.tokens.labels(kind=kind).inc(value)
-        if cost_usd > 0:
-            self._metrics.cost_usd.inc(cost_usd)
-
-
-UNKNOWN_MODEL = "unknown"
 _MODEL_FIELD = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
 
 
@@ -450,40 +337,6 @@ def _sniff_model(body: bytes) -> str:
     upstream's answer (``message_start``) replaces it when they differ."""
     found = _MODEL_FIELD.search(body, 0, 65536)
     return found.group(1).decode(errors="replace") if found else UNKNOWN_MODEL
-
-
-class GrantCache:
-    """Resolved credentials, kept ``ttl_s`` seconds (≤ 10,000 entries) so a stream of model
-    calls does not query the database each time. A session that ends is refused by every
-    replica within ``ttl_s`` (its container is removed by then anyway); unknown credentials
-    are never cached."""
-
-    def __init__(
-        self, db_factory: async_sessionmaker[AsyncSession], *, ttl_s: float, size: int = 10_000
-    ) -> None:
-        self._db = db_factory
-        self._ttl = ttl_s
-        self._size = size
-        self._entries: dict[str, tuple[float, Grant]] = {}
-
-    async def get(self, key_hash: str) -> Grant | None:
-        """The grant of a credential hash (None: unknown or ended); raises on a database error."""
-        now = time.monotonic()
-        hit = self._entries.get(key_hash)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        async with self._db() as db:
-            grant = await budgets.resolve(db, key_hash)
-        if grant is None:
-            self._entries.pop(key_hash, None)
-            return None
-        if self._ttl > 0:
-            if len(self._entries) >= self._size:
-                self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
-                if len(self._entries) >= self._size:
-                    self._entries.pop(next(iter(self._entries)))
-            self._entries[key_hash] = (now + self._ttl, grant)
-        return grant
 
 
 def _route(method: str, path: str) -> str:
@@ -496,15 +349,6 @@ def _route(method: str, path: str) -> str:
     if method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/")):
         return "models"
     return "unknown"
-
-
-def _credential(headers: Mapping[str, str]) -> str | None:
-    key = headers.get("x-api-key")
-    if not key:
-        auth = headers.get("authorization", "")
-        scheme, _, value = auth.partition(" ")
-        key = value.strip() if scheme.lower() == "bearer" else None
-    return key if key and key.startswith(KEY_PREFIX) and len(key) < 200 else None
 
 
 def _response_headers(headers: httpx.Headers) -> dict[str, str]:

@@ -27,7 +27,7 @@ from gateway.db.models import (
     UsageDay,
 )
 from gateway.services.metering.budgets import utc_day
-from gateway.services.model_proxy import new_proxy_key
+from gateway.services.metering.credentials import new_proxy_key
 from gateway.services.tree import end_session
 from scripted_model import ScriptedModelServer
 from tests.conftest import full_stack_settings

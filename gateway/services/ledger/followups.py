@@ -45,6 +45,7 @@ class FollowUps:
         max_callbacks: int = 256,
     ) -> None:
         self._settings = settings
+        self._notice_key = notice_key(settings.jwt_key())  # read once, not per notice
         self._redis = redis
         self._db = db_factory
         self._metrics = metrics
@@ -82,7 +83,7 @@ class FollowUps:
                     child.parent_session_id,
                     event,
                     payload,
-                    key=notice_key(self._settings.jwt_key()),
+                    key=self._notice_key,
                 )
             except DependencyUnavailable as exc:
                 logger.warning("ledger: could not tell %s: %s", child.parent_session_id, exc)
