@@ -29,7 +29,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from gateway.api import api_router, health, metrics, model_proxy
+from gateway import __version__
+from gateway.api import about, api_router, health, metrics, model_proxy
 from gateway.bodylimit import BodyLimitMiddleware
 from gateway.config import Settings
 from gateway.db.engine import make_db_factory, make_engine
@@ -206,7 +207,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="ccgate",
-        version="0.1.0",
+        version=__version__,
         summary="Claude Code as a service: one container per session, streamed over WebSocket.",
         lifespan=lifespan,
     )
@@ -216,6 +217,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     app.include_router(api_router)
     app.include_router(health.router)
+    app.include_router(about.router)
     app.include_router(metrics.router)
     app.include_router(model_proxy.router)
 

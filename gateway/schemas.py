@@ -324,10 +324,37 @@ class Check(BaseModel):
 
 
 class HealthPublic(BaseModel):
-    """``GET /health``: ``ok`` only when every dependency answered."""
+    """``GET /health`` and ``/health/ready``.
 
-    status: Literal["ok", "degraded"]
+    ``status``, ``version`` and ``components`` are CC-Docker's health shape (its values
+    ``healthy``/``unhealthy``, per component too); ``checks`` carries ccgate's detail per
+    dependency; ``ready`` is CC-Docker's readiness answer (also on ``/health``)."""
+
+    status: Literal["healthy", "unhealthy"]
+    version: str
+    ready: bool
+    components: dict[str, Literal["healthy", "unhealthy"]]
     checks: dict[str, Check]
+
+
+class LivePublic(BaseModel):
+    """``GET /health/live`` (CC-Docker's shape)."""
+
+    alive: bool
+
+
+class ServiceInfo(BaseModel):
+    """``GET /`` and ``GET /api/v1``: what this service is and where its routes are.
+
+    ``version`` is the service's release on ``/`` and the API version (``v1``) on
+    ``/api/v1``, as in CC-Docker; ``service_version`` is always the release."""
+
+    name: str
+    version: str
+    service_version: str
+    docs: str
+    openapi: str
+    endpoints: dict[str, str]
 
 
 class ChildrenList(BaseModel):

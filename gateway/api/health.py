@@ -1,4 +1,5 @@
-"""Health: liveness, readiness (real checks of every dependency and every supervised task)."""
+"""Health: liveness, readiness (real checks of every dependency and every supervised task),
+in CC-Docker's shape (``status``, ``version``, ``components``) plus ccgate's ``checks``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from collections.abc import Awaitable, Callable
 from fastapi import APIRouter, Request, Response, status
 from sqlalchemy import text
 
-from gateway.schemas import Check, HealthPublic
+from gateway import __version__
+from gateway.schemas import Check, HealthPublic, LivePublic
 
 router = APIRouter(tags=["health"])
 
@@ -49,20 +51,32 @@ def _tasks(request: Request) -> Check:
     return Check(ok=True, detail="ok")
 
 
-@router.get("/health", responses={503: {"model": HealthPublic}})
-async def health(request: Request, response: Response) -> HealthPublic:
-    """200 when database, redis, storage and docker all answer; 503 naming the failures."""
-    checks = await _dependencies(request)
+def _answer(response: Response, checks: dict[str, Check], ready: bool) -> HealthPublic:
     healthy = all(c.ok for c in checks.values())
     if not healthy:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    return HealthPublic(status="ok" if healthy else "degraded", checks=checks)
+    return HealthPublic(
+        status="healthy" if healthy else "unhealthy",
+        version=__version__,
+        ready=ready,
+        components={k: "healthy" if c.ok else "unhealthy" for k, c in checks.items()},
+        checks=checks,
+    )
+
+
+@router.get("/health", responses={503: {"model": HealthPublic}})
+async def health(request: Request, response: Response) -> HealthPublic:
+    """200 ``healthy`` when database, redis, storage and docker all answer; 503 ``unhealthy``
+    naming the failures in ``components`` and ``checks``. ``ready`` adds the background tasks."""
+    checks = await _dependencies(request)
+    ready = all(c.ok for c in checks.values()) and _tasks(request).ok
+    return _answer(response, checks, ready)
 
 
 @router.get("/health/live")
-async def live() -> dict[str, str]:
-    """200 while the process serves requests (restart it when this fails)."""
-    return {"status": "ok"}
+async def live() -> LivePublic:
+    """200 ``{"alive": true}`` while the process serves requests (restart it when this fails)."""
+    return LivePublic(alive=True)
 
 
 @router.get("/health/ready", responses={503: {"model": HealthPublic}})
@@ -72,7 +86,4 @@ async def ready(request: Request, response: Response) -> HealthPublic:
     the load balancer)."""
     checks = await _dependencies(request)
     checks["tasks"] = _tasks(request)
-    healthy = all(c.ok for c in checks.values())
-    if not healthy:
-        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    return HealthPublic(status="ok" if healthy else "degraded", checks=checks)
+    return _answer(response, checks, all(c.ok for c in checks.values()))

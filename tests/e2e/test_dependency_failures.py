@@ -95,6 +95,7 @@ def test_unreachable_docker_is_503_naming_docker(
         health = http.get("/health")
         assert health.status_code == 503
         assert health.json()["checks"]["docker"]["ok"] is False
+        assert health.json()["components"]["docker"] == "unhealthy"
         assert health.json()["checks"]["redis"]["ok"] is True
     assert _session_keys(redis_server) == keys_before
 
@@ -112,7 +113,7 @@ def test_redis_down_is_503_naming_redis_and_leaves_nothing(
         assert r.json()["detail"].startswith("redis is unavailable")
         assert http.get("/api/v1/sessions").json()["total"] == 0
         health = http.get("/health").json()
-        assert health["status"] == "degraded" and health["checks"]["redis"]["ok"] is False
+        assert health["status"] == "unhealthy" and health["checks"]["redis"]["ok"] is False
     assert _leftover_volumes(docker_client, "test-noredis") == []
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway import __version__
 from gateway.auth import mint_token
 from gateway.logs import configure_logging
 from tests.conftest import JWT_SECRET, make_settings
@@ -102,4 +103,30 @@ async def test_readiness_checks_dependencies_and_background_tasks(
         live = await http.get("/health/live")
     assert ready.status_code == 200, ready.text
     assert set(ready.json()["checks"]) == {"database", "redis", "storage", "docker", "tasks"}
-    assert live.json() == {"status": "ok"}
+    assert live.json() == {"alive": True}
+    assert ready.json()["ready"] is True and ready.json()["status"] == "healthy"
+
+
+async def test_cc_docker_health_and_service_description(gateway: GatewayServer) -> None:
+    """CC-Docker's own API tests (tests/test_api.py there), run against ccgate: /health has
+    status, version and components; /health/live is {"alive": true}; / and /api/v1 describe
+    the service."""
+    async with httpx.AsyncClient(base_url=gateway.url) as http:
+        health = (await http.get("/health")).json()
+        root = await http.get("/")
+        api = await http.get("/api/v1")
+    assert health["status"] == "healthy" and health["version"] == __version__
+    assert health["components"] == dict.fromkeys(
+        ("database", "redis", "storage", "docker"), "healthy"
+    )
+    assert root.status_code == 200 and api.status_code == 200
+    assert root.json()["name"] == "ccgate" and root.json()["version"] == __version__
+    assert root.json()["docs"] == "/docs"
+    assert api.json()["version"] == "v1" and api.json()["service_version"] == __version__
+    endpoints = api.json()["endpoints"]
+    assert endpoints["sessions"] == "/api/v1/sessions" and endpoints["usage"] == "/api/v1/usage"
+    assert endpoints["health"] == "/health" and endpoints["metrics"] == "/metrics"
+    async with httpx.AsyncClient(base_url=gateway.url) as http:
+        for path in endpoints.values():  # every advertised endpoint exists (auth aside)
+            if "{" not in path:
+                assert (await http.get(path)).status_code in (200, 401), path
