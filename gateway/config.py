@@ -118,7 +118,28 @@ class Settings(BaseSettings):
     before the container is removed."""
     reaper_interval_s: float = 15.0
     reaper_grace_s: float = 45.0
-    """A live session whose container is gone is failed only after this long without activity."""
+    """A live session whose container is gone (and whose death the event stream did not
+    report) is closed as crashed only after this long without activity."""
+    session_idle_timeout_s: int = Field(default=900, ge=0)
+    """Seconds an idle session keeps its container before it is paused (0: never); a
+    session's ``config.idle_timeout_s`` overrides it."""
+    session_max_lifetime_s: int = Field(default=86_400, ge=0)
+    """Seconds after creation a session is stopped, busy or not (0: unlimited); a session's
+    ``config.max_lifetime_s`` may only shorten it."""
+    lifecycle_interval_s: float = Field(default=2.0, gt=0)
+    """Period of the lifecycle loop: idle pauses, lifetimes, resumes of paused sessions with
+    prompts waiting, interrupts that were ignored, silent turns."""
+    max_crash_resumes: int = Field(default=3, ge=0)
+    """Container deaths in a row (no completed turn between them) a session survives by
+    pausing; one more fails it."""
+    crash_restart: Literal["on_demand", "always"] = "on_demand"
+    """After a container death: resume when a prompt is waiting or arrives (``on_demand``),
+    or at once (``always``, within ``max_crash_resumes``)."""
+    interrupt_grace_s: float = Field(default=10.0, gt=0, le=300)
+    """After an interrupt the CLI has this long to end the turn before the wrapper kills it;
+    the gateway kills the container if the turn is still open 5 s after that."""
+    turn_silence_s: float = Field(default=600.0, gt=0)
+    """A running turn with no event for this long is flagged (``turn_silent`` notice, metric)."""
     stream_maxlen: int = 10_000
     """Events kept per session in the Redis Stream once persisted (the ledger trims below its
     persisted watermark; an unpersisted event is never trimmed)."""

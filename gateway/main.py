@@ -42,9 +42,12 @@ from gateway.logs import RequestIdMiddleware, request_id
 from gateway.metrics import Metrics
 from gateway.observe import register_gauges
 from gateway.services.artifacts import ArtifactStore, LocalArtifactStore, S3ArtifactStore
+from gateway.services.container_deaths import DeathWatch
 from gateway.services.egress import EgressProxies
 from gateway.services.events import EventHub
+from gateway.services.lease import Lease
 from gateway.services.ledger import Ledger
+from gateway.services.lifecycle_loop import LifecycleLoop
 from gateway.services.model_proxy import ModelProxy
 from gateway.services.ratelimit import UserRateLimiter
 from gateway.services.reaper import Reaper
@@ -146,7 +149,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             collector_workers=settings.collector_workers,
         )
         await ledger.start()
+        deaths = DeathWatch(
+            runtime=runtime, redis=redis, db_factory=db_factory, jwt_key=jwt_key, metrics=metrics_
+        )
+        supervisor.start("container-events", deaths.run)
         reaper = Reaper(
+            deaths=deaths,
             runtime=runtime,
             db_factory=db_factory,
             redis=redis,
@@ -187,6 +195,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics=metrics_,
             egress=egress,
         )
+        lifecycle = LifecycleLoop(
+            app.state.sessions,
+            Lease(
+                redis,
+                f"lifecycle:{settings.deployment_id}",
+                ttl_s=max(10.0, settings.lifecycle_interval_s * 5),
+            ),
+        )
+        ledger.on_paused(lifecycle.wake)
+        supervisor.start("lifecycle", lifecycle.run)
         register_gauges(app)
         try:
             await app.state.sessions.network.ensure()

@@ -118,6 +118,41 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.pauses = Counter(
+            "ccgate_session_pauses",
+            "Session containers released while the session stays open, by reason "
+            "(idle, requested, oom, killed, exited, crashed)",
+            ["reason"],
+            registry=r,
+        )
+        self.resume_seconds = Histogram(
+            "ccgate_session_resume_seconds",
+            "Paused session: from the resume's start to the new container's ready event",
+            buckets=(0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
+            registry=r,
+        )
+        self.container_deaths = Counter(
+            "ccgate_container_deaths",
+            "Session containers that died without saying exited, by cause (oom, killed, exited)",
+            ["cause"],
+            registry=r,
+        )
+        self.container_ooms = Counter(
+            "ccgate_container_ooms",
+            "OOM kills inside session containers (the engine's oom events)",
+            registry=r,
+        )
+        self.death_notice_seconds = Histogram(
+            "ccgate_container_death_notice_seconds",
+            "From a container's death (the engine's event time) to its stream being closed",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 30),
+            registry=r,
+        )
+        self.silent_turns = Counter(
+            "ccgate_turns_silent",
+            "Running turns flagged for producing no event for CCGATE_TURN_SILENCE_S",
+            registry=r,
+        )
         self.task_failures = Counter(
             "ccgate_task_failures", "Crashes of supervised background tasks", ["task"], registry=r
         )

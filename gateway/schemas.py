@@ -128,6 +128,10 @@ class SessionConfig(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
     include_partial_messages: bool = False
     egress: EgressConfig = Field(default_factory=EgressConfig)
+    idle_timeout_s: int | None = Field(default=None, ge=0, le=30 * 86_400)
+    """Seconds idle before the container is paused (0: never; default: the deployment's)."""
+    max_lifetime_s: int | None = Field(default=None, ge=1, le=365 * 86_400)
+    """Seconds after creation the session is stopped (at most the deployment's maximum)."""
     """Network egress of the session's container (SECURITY.md)."""
 
     @field_validator("allowed_tools", "disallowed_tools")
@@ -243,6 +247,12 @@ class SessionPublic(BaseModel):
     config: dict[str, Any]
     cli_session_id: str | None
     error: str | None
+    paused_reason: str | None = None
+    """Why the session is (or was last) paused: idle, requested, oom, killed, exited, crashed."""
+    idle_timeout_s: int | None
+    """Seconds idle before the container is paused (0: never; None: the deployment's default)."""
+    expires_at: datetime | None
+    """When the session's maximum lifetime ends (it is then stopped); None: unlimited."""
 
 
 class SessionList(BaseModel):
@@ -285,6 +295,10 @@ class ChatResult(BaseModel):
     total_cost_usd: float | None
     cost_usd: float | None
     usage: dict[str, Any] | None
+    outcome: str | None = None
+    """How the turn ended: completed, error, interrupted, timeout, killed, oom, exited (none
+    for a cancelled turn)."""
+    terminal_reason: str | None = None
 
 
 class MessagePublic(ChatResult):

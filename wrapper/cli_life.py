@@ -61,6 +61,8 @@ class CliLife(RunnerState):
                 await asyncio.sleep(1.0)
                 continue
             if first:
+                if self._spec.resumed_at is not None:
+                    info["resume_ms"] = max(0, int((time.time() - self._spec.resumed_at) * 1000))
                 self._emit(EventType.READY, {**info, "resumed": resume})
                 first = False
             else:

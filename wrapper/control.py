@@ -43,6 +43,9 @@ class ControlLoops(TurnLoop):
                 self._emit(EventType.ERROR, {"code": "bad_control_message", "message": str(exc)})
                 continue
             if message.type is ControlType.INTERRUPT:
+                if self._turn is not None:
+                    # The turn loop kills the CLI if no result follows within the grace.
+                    self._interrupt_requested.set()
                 await self._interrupt()
             elif message.type is ControlType.NOTIFY and message.event:
                 self._events.emit(

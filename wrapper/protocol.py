@@ -78,6 +78,12 @@ def redis_username(session_id: str) -> str:
     return f"ccgate-session-{session_id}"
 
 
+def lease_key(name: str) -> str:
+    """A gateway-wide lease (string: the holder's id, with a TTL): one replica at a time runs
+    the task ``name``. Outside every session's key prefix, so no container can touch it."""
+    return f"{KEY_PREFIX}:lease:{name}"
+
+
 def stream_id(seq: int) -> str:
     """Redis Stream entry id of the event with this seq (seq starts at 1)."""
     return f"{seq}-0"
@@ -102,6 +108,7 @@ class EventType(StrEnum):
     CHILD_RESULT = "child_result"  # (gateway) a child's turn finished successfully
     CHILD_FAILED = "child_failed"  # (gateway) a child's turn failed, or the child died
     CHILD_STOPPED = "child_stopped"  # (gateway) a child was stopped or deleted
+    CONTAINER_OOM = "container_oom"  # (gateway) a process of the container was OOM-killed
 
 
 CHILD_EVENTS = frozenset(
@@ -112,6 +119,45 @@ CHILD_EVENTS = frozenset(
         EventType.CHILD_STOPPED,
     }
 )
+GATEWAY_NOTICES = CHILD_EVENTS | {EventType.CONTAINER_OOM}
+"""Event types the gateway asks a wrapper to publish (signed; relayed in the stream)."""
+
+
+class TurnOutcome(StrEnum):
+    """How a turn ended: ``turn_completed``'s ``outcome`` field (ccgate's own, beside the
+    CLI's ``subtype`` and ``terminal_reason``)."""
+
+    COMPLETED = "completed"  # the CLI's result, not an error
+    ERROR = "error"  # the CLI's result, an error (API error, max turns, ...)
+    INTERRUPTED = "interrupted"  # the CLI honoured an interrupt (client, or a stop)
+    TIMEOUT = "timeout"  # the turn's deadline passed (interrupted, or killed if it ignored it)
+    KILLED = "killed"  # the CLI ignored an interrupt and was killed, or the container was
+    OOM = "oom"  # the container ran out of memory
+    EXITED = "exited"  # the container or the CLI exited during the turn
+
+
+CONTAINER_DEATH_REASONS = {
+    TurnOutcome.OOM: "container_oom",
+    TurnOutcome.KILLED: "container_killed",
+    TurnOutcome.EXITED: "container_exited",
+}
+"""``terminal_reason`` of a turn ended by its container's death (written by the gateway)."""
+
+APPEND_AND_PUBLISH_SCRIPT = """
+local ok = redis.pcall('XADD', KEYS[1], ARGV[1], 'e', ARGV[2])
+if type(ok) == 'table' and ok.err then
+  if string.find(ok.err, 'equal or smaller', 1, true) then
+    return 0
+  end
+  return redis.error_reply(ok.err)
+end
+redis.call('PUBLISH', KEYS[2], ARGV[2])
+return 1
+"""
+"""Append one envelope to a session's events stream with the explicit id ``<seq>-0`` and
+publish it (KEYS: events stream, live channel; ARGV: entry id, envelope). Returns 1, or 0 when
+that seq is already there (a retry): at-least-once delivery without duplicates. The wrapper
+uses it for every event; the gateway only to close the stream of a container that died."""
 
 
 class EventSource(StrEnum):
@@ -175,6 +221,12 @@ class SessionSpec:
     include_partial_messages: bool = False
     gateway_url: str | None = None
     """When set, the CLI gets the ccgate MCP tools (spawn_session, ...) calling this gateway."""
+    interrupt_grace_s: float = 10.0
+    """After an interrupt (client or timeout), how long the CLI has to end the turn before
+    the wrapper kills it (SIGTERM, 1 s, SIGKILL)."""
+    resumed_at: float | None = None
+    """Unix time when the gateway began resuming a paused session in this container; the
+    ``ready`` event then reports ``resume_ms``."""
 
     def to_json(self) -> str:
         """Serialise for Redis."""

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 
 from wrapper.outbox import Outbox
 from wrapper.protocol import (
+    APPEND_AND_PUBLISH_SCRIPT,
     EventSource,
     encode_envelope,
     events_key,
@@ -36,17 +37,7 @@ from wrapper.protocol import (
 
 logger = logging.getLogger(__name__)
 
-_APPEND_AND_PUBLISH = """
-local ok = redis.pcall('XADD', KEYS[1], ARGV[1], 'e', ARGV[2])
-if type(ok) == 'table' and ok.err then
-  if string.find(ok.err, 'equal or smaller', 1, true) then
-    return 0
-  end
-  return redis.error_reply(ok.err)
-end
-redis.call('PUBLISH', KEYS[2], ARGV[2])
-return 1
-"""
+_APPEND_AND_PUBLISH = APPEND_AND_PUBLISH_SCRIPT
 
 _BATCH = 256
 

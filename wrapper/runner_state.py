@@ -19,6 +19,7 @@ from wrapper.protocol import (
     EventSource,
     EventType,
     SessionSpec,
+    TurnOutcome,
     TurnRequest,
 )
 from wrapper.publisher import EventPublisher
@@ -60,6 +61,9 @@ class RunnerState:
         self._turn: TurnRequest | None = None
         self._result: asyncio.Future[dict[str, Any]] | None = None
         self._control_waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._interrupt_requested = asyncio.Event()
+        """Set by the control loop when a client interrupts the running turn."""
+        self._interrupt_cause: TurnOutcome | None = None
         self._crashes: deque[float] = deque()
         self._exit_status = 0
         self._state_file = os.path.join(config.marker_dir, "cli-session.json")

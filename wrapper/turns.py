@@ -1,5 +1,11 @@
 """Turns: BLPOP a TurnRequest -> ``turn_started`` -> the user line on stdin -> the CLI's lines ->
-``result`` (or a timeout: interrupt, then kill) -> workspace diff -> ``turn_completed``."""
+``result`` -> workspace diff -> ``turn_completed`` with its ``outcome``.
+
+A turn that must end early (its deadline passed, or a client interrupted it) gets the CLI's
+control-protocol interrupt; if no result follows within ``spec.interrupt_grace_s``, the turn is
+ended by the wrapper and the CLI killed (SIGTERM, 1 s, SIGKILL; the supervisor restarts it with
+``--resume``). Every turn therefore ends with ``turn_completed``: ``interrupted``, ``timeout``
+or ``killed`` when it was cut short."""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from wrapper.cli_process import (
 )
 from wrapper.protocol import (
     EventType,
+    TurnOutcome,
     TurnRequest,
     input_key,
 )
@@ -23,8 +30,22 @@ from wrapper.runner_state import synthetic_result
 
 logger = logging.getLogger("wrapper.runner")
 
-_INTERRUPT_GRACE_S = 15.0
 _BLPOP_TIMEOUT_S = 2
+
+
+def turn_outcome(result: dict[str, Any], cause: TurnOutcome | None) -> TurnOutcome:
+    """The ``outcome`` of a turn from its result (the CLI's, or the wrapper's synthetic one)
+    and what interrupted it, if anything (``cause``: INTERRUPTED or TIMEOUT)."""
+    reason = str(result.get("terminal_reason") or "")
+    if reason == "turn_timeout":
+        return TurnOutcome.TIMEOUT
+    if reason in ("interrupt_ignored", "stopped"):
+        return TurnOutcome.KILLED
+    if reason == "cli_exited":
+        return TurnOutcome.EXITED
+    if reason.startswith("aborted"):
+        return cause or TurnOutcome.INTERRUPTED
+    return TurnOutcome.ERROR if result.get("is_error") else TurnOutcome.COMPLETED
 
 
 class TurnLoop(CliLife):
@@ -53,6 +74,8 @@ class TurnLoop(CliLife):
         loop = asyncio.get_running_loop()
         self._turn = request
         self._turn_idle.clear()
+        self._interrupt_requested.clear()
+        self._interrupt_cause = None
         self._result = loop.create_future()
         started = time.monotonic()
         self._emit(EventType.TURN_STARTED, {"message_id": request.message_id})
@@ -81,6 +104,7 @@ class TurnLoop(CliLife):
                 "files": [f.as_dict() for f in files],
                 "deleted_files": deleted,
                 "workspace_truncated": self._workspace.truncated,
+                "outcome": turn_outcome(result, self._interrupt_cause).value,
             },
         )
         self._turn = None
@@ -88,21 +112,47 @@ class TurnLoop(CliLife):
         self._turn_idle.set()
 
     async def _await_result(self, request: TurnRequest) -> dict[str, Any]:
-        assert self._result is not None
+        """The turn's result; past its deadline or on a client's interrupt, the CLI gets an
+        interrupt and ``interrupt_grace_s`` to answer before it is killed."""
+        result = self._result
+        assert result is not None
         timeout_s = request.timeout_seconds or self._spec.timeout_seconds
+        interrupted: asyncio.Future[Any] = asyncio.ensure_future(self._interrupt_requested.wait())
+        waiting: set[asyncio.Future[Any]] = {result, interrupted}
         try:
-            return await asyncio.wait_for(asyncio.shield(self._result), timeout_s)
+            await asyncio.wait(waiting, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            interrupted.cancel()
+        if result.done():
+            return result.result()
+        if self._interrupt_requested.is_set():
+            self._interrupt_cause = TurnOutcome.INTERRUPTED  # the control loop sent it
+        else:
+            self._interrupt_cause = TurnOutcome.TIMEOUT
+            self._emit(
+                EventType.ERROR,
+                {"code": "turn_timeout", "message": f"turn exceeded {timeout_s:g}s; interrupting"},
+            )
+            await self._interrupt()
+        grace = self._spec.interrupt_grace_s
+        try:
+            return await asyncio.wait_for(asyncio.shield(result), grace)
         except TimeoutError:
             pass
+        # The CLI ignored the interrupt: end the turn, then kill the CLI (the supervisor
+        # restarts it with --resume).
         self._emit(
             EventType.ERROR,
-            {"code": "turn_timeout", "message": f"turn exceeded {timeout_s:g}s; interrupting"},
+            {
+                "code": "interrupt_ignored",
+                "message": f"the CLI did not end the turn {grace:g}s after the interrupt; killed",
+            },
         )
-        await self._interrupt()
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._result), _INTERRUPT_GRACE_S)
-        except TimeoutError:
-            # The CLI ignored the interrupt: kill it; the supervisor restarts it with --resume.
-            if self._cli is not None:
-                await self._cli.stop(1.0)
-            return await self._result
+        timed_out = self._interrupt_cause is TurnOutcome.TIMEOUT
+        self._complete_turn_synthetic(
+            f"the CLI did not end the turn {grace:g}s after the interrupt and was killed",
+            terminal_reason="turn_timeout" if timed_out else "interrupt_ignored",
+        )
+        if self._cli is not None:
+            await self._cli.stop(1.0)
+        return result.result()

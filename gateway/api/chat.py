@@ -27,6 +27,8 @@ def chat_result(turn: Turn) -> ChatResult:
         total_cost_usd=turn.total_cost_usd,
         cost_usd=turn.cost_usd,
         usage=turn.usage,
+        outcome=turn.outcome,
+        terminal_reason=turn.terminal_reason,
     )
 
 

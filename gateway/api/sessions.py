@@ -45,6 +45,9 @@ def session_public(session: Session, child_ids: list[str]) -> SessionPublic:
         config=session.config,
         cli_session_id=session.cli_session_id,
         error=session.error,
+        paused_reason=session.paused_reason,
+        idle_timeout_s=session.idle_timeout_s,
+        expires_at=as_utc(session.expires_at),
     )
 
 
@@ -102,6 +105,26 @@ async def stop_session(session: OwnedSession, db: DbDep, service: ServiceDep) ->
     the grace period, and is removed. Volumes, events and artifacts are kept until DELETE.
     """
     session = await service.stop(db=db, session=session)
+    return session_public(session, await service.child_ids(db=db, session_id=session.id))
+
+
+@router.post("/{session_id}/pause")
+async def pause_session(session: OwnedSession, db: DbDep, service: ServiceDep) -> SessionPublic:
+    """Release the session's container now, as its idle timeout would (status ``paused``,
+    ``paused_reason: requested``): volumes, transcript, events and artifacts stay, and the
+    next prompt (or ``POST /resume``) continues the conversation in a new container. 409 when
+    a turn is queued or running, or the session is starting or ended."""
+    session = await service.pause(db=db, session=session, reason="requested")
+    return session_public(session, await service.child_ids(db=db, session_id=session.id))
+
+
+@router.post("/{session_id}/resume")
+async def resume_session(session: OwnedSession, db: DbDep, service: ServiceDep) -> SessionPublic:
+    """Start a new container for a paused session (``claude --resume``): status ``starting``,
+    then ``ready`` (``resumed: true``, ``resume_ms``) on the stream. A live session is returned
+    unchanged; 409 when it has ended; 503 naming the dependency when one fails (the session
+    stays paused)."""
+    session = await service.resume(db=db, session=session)
     return session_public(session, await service.child_ids(db=db, session_id=session.id))
 
 

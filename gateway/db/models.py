@@ -51,11 +51,19 @@ class WorkspaceType(StrEnum):
 
 
 class SessionStatus(StrEnum):
-    """Persisted session lifecycle: starting -> idle <-> running -> stopped | failed."""
+    """Persisted session lifecycle::
+
+    starting -> idle <-> running -> stopped | failed
+                 |  ^        |
+                 v  |        v (container died)
+                paused <-----+      (next prompt: starting again, with --resume)
+    """
 
     STARTING = "starting"  # container created; the CLI is not ready yet (chats queue)
     IDLE = "idle"  # ready, no turn running
     RUNNING = "running"  # a turn is running (further chats queue)
+    PAUSED = "paused"  # no container (idle timeout, asked, or it died); volumes, transcript,
+    # queued prompts and seq kept: the next prompt resumes it in a new container
     STOPPED = "stopped"  # stopped on request; container removed, volumes kept until delete
     FAILED = "failed"  # the container or CLI died and could not recover
 
@@ -63,6 +71,11 @@ class SessionStatus(StrEnum):
     def live(self) -> bool:
         """True while the session has (or is getting) a container."""
         return self in (SessionStatus.STARTING, SessionStatus.IDLE, SessionStatus.RUNNING)
+
+    @property
+    def open(self) -> bool:
+        """True until the session ends: live, or paused (a prompt resumes it)."""
+        return self.live or self is SessionStatus.PAUSED
 
 
 class TurnStatus(StrEnum):
@@ -113,6 +126,17 @@ class Session(SQLModel, table=True):
     """This session's own cost budget (None: unlimited)."""
     reserved_usd: float = 0.0
     """Cost reserved by model requests in flight (released when each is metered)."""
+    paused_reason: str | None = Field(default=None, max_length=32)
+    """Why the session is (or was last) paused: ``idle``, ``requested``, or how its container
+    died (``oom``, ``killed``, ``exited``, ``crashed``)."""
+    crashes: int = 0
+    """Container deaths since the last completed turn (over the limit: failed, not paused)."""
+    idle_timeout_s: int | None = None
+    """Seconds idle before the container is paused (None: the deployment's default, 0: never)."""
+    expires_at: datetime | None = _ts(nullable=True)
+    """End of the session's maximum lifetime (None: unlimited); then it is stopped."""
+    resumed_at: datetime | None = _ts(nullable=True)
+    """When the last resume began (its ``ready`` measures the resume time)."""
 
 
 class SpawnTree(SQLModel, table=True):
@@ -158,6 +182,14 @@ class Turn(SQLModel, table=True):
     """Changed files still to be copied into the artifact store (the collector's job)."""
     recorded_at: datetime | None = _ts(nullable=True)
     """Set once the result and every artifact of the turn are recorded (``turn_recorded``)."""
+    timeout_s: float | None = None
+    """The chat's own deadline (seconds), kept so a resumed container gets it again."""
+    outcome: str | None = Field(default=None, max_length=16)
+    """How the turn ended (wrapper/protocol.py TurnOutcome): completed, error, interrupted,
+    timeout, killed, oom, exited; cancelled turns have none."""
+    interrupt_requested_at: datetime | None = _ts(nullable=True)
+    """When a client asked to interrupt it (the gateway kills the container if the turn is
+    still open ``interrupt_grace_s`` + 5 s later)."""
 
 
 class Artifact(SQLModel, table=True):

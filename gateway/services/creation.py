@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -18,6 +19,7 @@ from gateway.db.models import (
     Session,
     SpawnTree,
     WorkspaceType,
+    utcnow,
 )
 from gateway.errors import (
     Conflict,
@@ -27,9 +29,9 @@ from gateway.schemas import SessionConfig, SessionCreate, SpawnRequest
 from gateway.services import tree
 from gateway.services.callbacks import resolve_callback
 from gateway.services.metering.credentials import new_proxy_key
-from gateway.services.provision import Provisioning, workspace_volume_name
+from gateway.services.provision import Provisioning, session_spec, workspace_volume_name
 from gateway.services.turns import TurnOps
-from wrapper.protocol import EventType, SessionSpec
+from wrapper.protocol import EventType
 
 
 @dataclass(frozen=True)
@@ -131,35 +133,31 @@ class Creation(Provisioning, TurnOps):
         else:
             tree_budget = cfg.max_budget_usd or self.settings.tree_budget_usd
             db.add(SpawnTree(root_id=sid, owner=new.owner, budget_usd=tree_budget))
-        spec = SessionSpec(
-            session_id=sid,
-            model=cfg.model or self.settings.default_model,
-            system_prompt=cfg.system_prompt,
-            append_system_prompt=cfg.append_system_prompt,
-            allowed_tools=cfg.allowed_tools,
-            disallowed_tools=cfg.disallowed_tools,
-            permission_mode=(
+        session.config = cfg.model_dump(mode="json") | {
+            "model": cfg.model or self.settings.default_model,
+            "permission_mode": (
                 cfg.permission_mode.value
                 if cfg.permission_mode
                 else self.settings.default_permission_mode
             ),
-            max_turns=cfg.max_turns,
-            timeout_seconds=cfg.timeout_seconds,
-            mcp_servers=cfg.mcp_servers,
-            include_partial_messages=cfg.include_partial_messages,
-            gateway_url=self.settings.gateway_url_for_containers(),
-        )
-        session.config = cfg.model_dump(mode="json") | {
-            "model": spec.model,
-            "permission_mode": spec.permission_mode,
             "max_budget_usd": tree_budget,
             "session_budget_usd": session.budget_usd,
         }
+        session.idle_timeout_s = (
+            cfg.idle_timeout_s
+            if cfg.idle_timeout_s is not None
+            else self.settings.session_idle_timeout_s
+        )
+        lifetime = _lifetime(cfg.max_lifetime_s, self.settings.session_max_lifetime_s)
+        if lifetime:
+            session.expires_at = utcnow() + timedelta(seconds=lifetime)
+        spec = session_spec(self.settings, session)
         db.add(session)
         await db.commit()
         started = time.monotonic()
         try:
-            await self._provision(db, session, spec, cfg.env, parent, proxy_key)
+            await self._make_volumes(session, parent)
+            await self._start_container(db, session, spec, proxy_key, name=f"ccgate-{sid}")
             self.metrics.container_start_seconds.observe(time.monotonic() - started)
             self.ledger.track(sid)
             if new.prompt is not None:
@@ -174,6 +172,14 @@ class Creation(Provisioning, TurnOps):
                 {"child_session_id": sid, "depth": session.depth, "prompt": new.prompt},
             )
         return session
+
+
+def _lifetime(asked: int | None, limit: int) -> int:
+    """Seconds the session may live (0: unlimited): the asked lifetime, never past the
+    deployment's limit."""
+    if asked is None:
+        return limit
+    return min(asked, limit) if limit else asked
 
 
 def _inherit(parent: Session, given: SessionConfig) -> SessionConfig:

@@ -8,9 +8,12 @@ envelope schema (wrapper/protocol.py: ``{seq, session_id, turn_id, ts, type, sou
   ``turn_id`` null or a string of at most 36; ``data`` a JSON object;
 - a ``wrapper`` envelope has one of the wrapper's own types (the lifecycle the ledger applies);
   a ``cli`` envelope does not use a wrapper or gateway type;
-- a ``gateway`` envelope (``child_*``: the gateway's notices, relayed by the wrapper) carries
-  the gateway's HMAC-SHA256 signature in ``data.ccgate_sig`` over its session, type and data.
-  A container cannot make one: the key is derived from the gateway's secret.
+- a ``gateway`` envelope carries the gateway's HMAC-SHA256 signature in ``data.ccgate_sig``
+  over its session, type and data: ``child_*`` and ``container_oom`` (the gateway's notices,
+  relayed by the wrapper),
+  or ``turn_completed``/``exited`` written by the gateway itself to close the stream of a
+  container that died. A container cannot make one: the key is derived from the gateway's
+  secret.
 
 An envelope that fails is not persisted and not applied; the reader dead-letters it with the
 reason. Cost and budgets never come from envelopes at all (the model proxy meters them).
@@ -23,11 +26,14 @@ import hmac
 import json
 from typing import Any
 
-from wrapper.protocol import CHILD_EVENTS, EventSource, EventType
+from wrapper.protocol import GATEWAY_NOTICES, EventSource, EventType
 
 SIGNATURE_FIELD = "ccgate_sig"
-WRAPPER_TYPES = frozenset(t.value for t in EventType) - frozenset(CHILD_EVENTS)
-GATEWAY_TYPES = frozenset(t.value for t in CHILD_EVENTS)
+WRAPPER_TYPES = frozenset(t.value for t in EventType) - frozenset(GATEWAY_NOTICES)
+GATEWAY_TYPES = frozenset(t.value for t in GATEWAY_NOTICES) | {
+    EventType.TURN_COMPLETED.value,
+    EventType.EXITED.value,
+}
 SOURCES = frozenset(s.value for s in EventSource)
 
 

@@ -87,7 +87,7 @@ async def tree_view(db: AsyncSession, root: Session) -> dict[str, Any]:
         "tree": views[root.id],
         "totals": {
             "sessions": len(nodes),
-            "live_sessions": sum(1 for n in nodes if n.status.live),
+            "live_sessions": sum(1 for n in nodes if n.status.open),
             "total_turns": sum(n.total_turns for n in nodes),
             "total_cost_usd": sum(n.total_cost_usd for n in nodes),
         },

@@ -11,6 +11,7 @@ from sqlmodel import col, delete
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.auth import mint_token
+from gateway.config import Settings
 from gateway.db.models import (
     Session,
     SpawnTree,
@@ -50,21 +51,67 @@ def config_volume_name(sid: str) -> str:
     return f"ccgate-cfg-{sid}"
 
 
+def session_spec(
+    settings: Settings, session: Session, *, resumed_at: float | None = None
+) -> SessionSpec:
+    """The wrapper's SessionSpec from the session's stored config (model and permission mode
+    already resolved at create), so a resumed container runs the CLI exactly as the first."""
+    cfg = session.config
+    return SessionSpec(
+        session_id=session.id,
+        model=cfg.get("model") or settings.default_model,
+        system_prompt=cfg.get("system_prompt"),
+        append_system_prompt=cfg.get("append_system_prompt"),
+        allowed_tools=list(cfg.get("allowed_tools") or []),
+        disallowed_tools=list(cfg.get("disallowed_tools") or []),
+        permission_mode=cfg.get("permission_mode") or settings.default_permission_mode,
+        max_turns=cfg.get("max_turns"),
+        timeout_seconds=cfg.get("timeout_seconds"),
+        mcp_servers=dict(cfg.get("mcp_servers") or {}),
+        include_partial_messages=bool(cfg.get("include_partial_messages")),
+        gateway_url=settings.gateway_url_for_containers(),
+        interrupt_grace_s=settings.interrupt_grace_s,
+        resumed_at=resumed_at,
+    )
+
+
 class Provisioning(ServiceBase):
     """Containers, volumes and Redis access of a session, made and unmade."""
 
-    async def _provision(
+    async def _make_volumes(self, session: Session, parent: Session | None) -> None:
+        """Create the session's workspace (copying the parent's for ``clone``) and config
+        volumes."""
+        sid, owner = session.id, session.owner
+        labels = {LABEL_SESSION: sid, LABEL_OWNER: owner}
+        kind = WorkspaceType(session.workspace_type)
+        if kind is WorkspaceType.PERSISTENT:
+            ws_labels = {LABEL_OWNER: owner, LABEL_WORKSPACE: session.workspace_id or ""}
+            await self.runtime.create_volume(session.workspace_volume, ws_labels)
+        elif kind is not WorkspaceType.INHERIT:
+            await self.runtime.create_volume(session.workspace_volume, labels)
+            if kind is WorkspaceType.CLONE and parent is not None:
+                await self.runtime.copy_volume(
+                    parent.workspace_volume,
+                    session.workspace_volume,
+                    image=self.settings.image,
+                    labels=labels,
+                )
+        await self.runtime.create_volume(config_volume_name(sid), labels)
+
+    async def _start_container(
         self,
         db: AsyncSession,
         session: Session,
         spec: SessionSpec,
-        env: dict[str, str],
-        parent: Session | None,
         proxy_key: str,
+        *,
+        name: str,
     ) -> None:
-        """Make the session's Redis login, volumes and container (the container's model
-        credential is ``proxy_key``, valid only through the gateway's model proxy)."""
+        """Make the session's Redis login (spec, token, ACL user), its egress proxy if any,
+        and start its container on the existing volumes; commits ``container_id``. The
+        container's model credential is ``proxy_key``, valid only through the model proxy."""
         sid, owner = session.id, session.owner
+        env: dict[str, str] = dict(session.config.get("env") or {})
         ttl = self.settings.session_token_ttl_s
         token = mint_token(key=self.jwt_key, user=owner, ttl_s=ttl, session_scope=sid)
         username, password = await session_redis.provision(
@@ -84,23 +131,9 @@ class Provisioning(ServiceBase):
             )
             proxy_url = grant.url
         labels = {LABEL_SESSION: sid, LABEL_OWNER: owner}
-        kind = WorkspaceType(session.workspace_type)
-        if kind is WorkspaceType.PERSISTENT:
-            ws_labels = {LABEL_OWNER: owner, LABEL_WORKSPACE: session.workspace_id or ""}
-            await self.runtime.create_volume(session.workspace_volume, ws_labels)
-        elif kind is not WorkspaceType.INHERIT:
-            await self.runtime.create_volume(session.workspace_volume, labels)
-            if kind is WorkspaceType.CLONE and parent is not None:
-                await self.runtime.copy_volume(
-                    parent.workspace_volume,
-                    session.workspace_volume,
-                    image=self.settings.image,
-                    labels=labels,
-                )
-        await self.runtime.create_volume(config_volume_name(sid), labels)
         info = await self.runtime.start(
             ContainerSpec(
-                name=f"ccgate-{sid}",
+                name=name,
                 image=self.settings.image,
                 env=self._container_env(sid, env, username, password, proxy_key, proxy_url),
                 labels=labels,
@@ -185,7 +218,15 @@ class Provisioning(ServiceBase):
         volumes = [config_volume_name(session.id)]
         if not WorkspaceType(session.workspace_type).shared:
             volumes.append(session.workspace_volume)
-        steps = [self.runtime.remove(session.container_id or f"ccgate-{session.id}")]
+        containers = {session.container_id or f"ccgate-{session.id}"}
+        try:  # a resumed session may have had several containers
+            listed = await self.runtime.list_managed()
+        except GatewayError:
+            if not quiet:
+                raise
+            listed = []
+        containers |= {c.id for c in listed if c.labels.get(LABEL_SESSION) == session.id}
+        steps = [self.runtime.remove(c) for c in sorted(containers)]
         steps += [self.runtime.remove_volume(v) for v in volumes]
         for step in steps:
             try:

@@ -3,10 +3,15 @@
 Every ``interval_s`` each gateway process:
 - removes ccgate containers whose session no longer exists or is stopped/failed,
 - removes per-session volumes whose session no longer exists (persistent workspaces are kept),
-- marks a live session failed when its container is gone or has exited without the wrapper's
-  ``exited`` event (OOM kill, engine restart), after a grace period so a stop in progress or a
-  just-created container is never mistaken for a crash; a session still being created (no
-  container id yet: a slow workspace clone) is left alone until ``creation_timeout_s``,
+- removes containers of an open session other than its current one (a resumed session's
+  earlier containers), once their files are collected,
+- closes the stream of a live session whose container is gone or has exited without the
+  wrapper's ``exited`` event and without the event stream reporting it (the gateway was down):
+  the same events as container_deaths.py, so the ledger pauses the session; after a grace
+  period, so a stop in progress or a just-created container is never mistaken for a crash,
+- repairs a live session that never got its container (its create or resume died with its
+  gateway) once ``creation_timeout_s`` has passed: a resume goes back to paused, a create
+  fails,
 - leaves the container of an ended session in place while one of its turns still waits for
   its files to be collected (the collector removes it afterwards),
 - renews each live session's token (the ccgate MCP tools' credential) before it expires, and
@@ -16,13 +21,13 @@ Every ``interval_s`` each gateway process:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections import defaultdict
 from datetime import timedelta
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
-from sqlalchemy import or_
+from sqlalchemy import or_, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
@@ -31,13 +36,12 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from gateway.auth import mint_token
 from gateway.db.errors import is_outage
 from gateway.db.models import Session, SessionStatus, Turn, TurnStatus, as_utc, utcnow
-from gateway.errors import DependencyUnavailable, GatewayError
+from gateway.errors import DependencyUnavailable
 from gateway.services import session_redis
-from gateway.services.envelopes import notice_key
-from gateway.services.runtime import ContainerRuntime, ContainerState
+from gateway.services.container_deaths import DeathWatch
+from gateway.services.runtime import ContainerInfo, ContainerRuntime, ContainerState
 from gateway.services.runtime.base import LABEL_HELPER, LABEL_SESSION
-from gateway.services.tree import LIVE, end_session, lock_tree
-from wrapper.protocol import EventType
+from gateway.services.tree import LIVE, OPEN, cancel_open_turns, end_session, lock_tree
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +60,11 @@ class Reaper:
         session_acl: bool,
         interval_s: float,
         grace_s: float,
+        deaths: DeathWatch,
         creation_timeout_s: float = 600.0,
     ) -> None:
         self._runtime = runtime
+        self._deaths = deaths
         self._redis = redis
         self._jwt_key = jwt_key
         self._token_ttl_s = token_ttl_s
@@ -86,24 +92,26 @@ class Reaper:
         """One reconciliation pass; returns counts of what it did."""
         done = {
             "containers_removed": 0,
-            "sessions_failed": 0,
+            "streams_closed": 0,
+            "sessions_repaired": 0,
             "volumes_removed": 0,
             "tokens_renewed": 0,
         }
-        failed: list[Session] = []
         containers = [c for c in await self._runtime.list_managed() if LABEL_HELPER not in c.labels]
-        by_session = {c.labels.get(LABEL_SESSION, ""): c for c in containers}
+        by_session: dict[str, list[ContainerInfo]] = defaultdict(list)
+        for container in containers:
+            by_session[container.labels.get(LABEL_SESSION, "")].append(container)
         # Listed before the query: a session's row is committed before its volumes exist, so
         # every volume seen here has its row visible below.
         volumes = await self._runtime.list_managed_volumes()
         mentioned = set(by_session) | {v.get(LABEL_SESSION, "") for v in volumes.values()}
         async with self._db() as db:
-            # Live sessions and those the engine mentions, not the whole history; by id, so two
-            # replicas' reapers take tree locks in the same order.
+            # Open sessions and those the engine mentions, not the whole history; by id, so
+            # two replicas' reapers take tree locks in the same order.
             rows = (
                 await db.exec(
                     select(Session)
-                    .where(or_(col(Session.status).in_(LIVE), col(Session.id).in_(mentioned)))
+                    .where(or_(col(Session.status).in_(OPEN), col(Session.id).in_(mentioned)))
                     .order_by(col(Session.id))
                 )
             ).all()
@@ -118,56 +126,44 @@ class Reaper:
                     )
                 ).all()
             )
-            for sid, container in by_session.items():
-                session = sessions.get(sid)
-                if session is not None and sid in collecting:
-                    continue  # the collector still copies files out of it
-                if session is None or not session.status.live:
+        for sid, found in by_session.items():
+            session = sessions.get(sid)
+            if session is not None and sid in collecting:
+                continue  # the collector still copies files out of it (then removes it)
+            for container in found:
+                if self._orphan(session, container):
                     logger.info("reaper: removing orphan container %s", container.name)
                     await self._runtime.remove(container.id)
                     done["containers_removed"] += 1
-            cutoff = utcnow() - self._grace
-            for session in rows:
-                if not session.status.live:
-                    continue
-                last = as_utc(session.last_activity) or utcnow()
-                if last > cutoff:
-                    continue
-                created = as_utc(session.created_at) or utcnow()
-                if session.container_id is None and created > utcnow() - self._creation_timeout:
-                    continue  # still being created (e.g. a slow workspace clone)
-                found = by_session.get(session.id)
-                if found is not None and found.state is not ContainerState.EXITED:
-                    continue
-                reason = (
-                    "the session container is gone"
-                    if found is None
-                    else f"the session container exited with status {found.exit_code}"
-                )
-                await lock_tree(db, session.root_id)
-                ended = await end_session(db, session, SessionStatus.FAILED, reason)
-                await self._fail_turns(db, session, reason)
-                if ended:
-                    failed.append(session)
-                    done["sessions_failed"] += 1
-                if found is not None:
-                    await self._runtime.remove(found.id)
-            await db.commit()
-            live = [s for s in rows if s.status.live]
-        for session in failed:
-            if session.parent_session_id:
-                with contextlib.suppress(GatewayError):
-                    await session_redis.notify(
-                        self._redis,
-                        session.parent_session_id,
-                        EventType.CHILD_FAILED,
-                        {
-                            "child_session_id": session.id,
-                            "status": "failed",
-                            "error": session.error,
-                        },
-                        key=notice_key(self._jwt_key),
-                    )
+        cutoff = utcnow() - self._grace
+        for session in rows:
+            if not session.status.live:
+                continue
+            last = as_utc(session.last_activity) or utcnow()
+            if last > cutoff:
+                continue
+            if session.container_id is None:
+                if await self._repair_containerless(session):
+                    done["sessions_repaired"] += 1
+                continue
+            alive = [
+                c
+                for c in by_session.get(session.id, [])
+                if c.id == session.container_id and c.state is not ContainerState.EXITED
+            ]
+            if alive:
+                continue
+            exited = [c for c in by_session.get(session.id, []) if c.id == session.container_id]
+            # A death the event stream did not report (the gateway was down): close the
+            # stream the same way (the ledger then pauses the session).
+            if await self._deaths.close(
+                session.id,
+                session.container_id,
+                exit_code=exited[0].exit_code if exited else None,
+                gone=not exited,
+            ):
+                done["streams_closed"] += 1
+        live = [s for s in rows if s.status.live]
         for session in live:
             if self._session_acl and await session_redis.ensure_acl_user(
                 self._redis, session.id, session_redis.acl_password(self._jwt_key, session.id)
@@ -190,17 +186,46 @@ class Reaper:
                 done["volumes_removed"] += 1
         return done
 
-    async def _fail_turns(self, db: AsyncSession, session: Session, reason: str) -> None:
-        logger.warning("reaper: session %s failed: %s", session.id, reason)
-        rows = await db.exec(
-            select(Turn).where(
-                Turn.session_id == session.id,
-                col(Turn.status).in_([TurnStatus.QUEUED, TurnStatus.RUNNING]),
-            )
-        )
-        for turn in rows.all():
-            turn.status = TurnStatus.FAILED
-            turn.errors = [reason]
-            turn.completed_at = utcnow()
-            turn.recorded_at = utcnow()
-            db.add(turn)
+    def _orphan(self, session: Session | None, container: ContainerInfo) -> bool:
+        """True for a container no open session runs on: its session is gone or ended; or it
+        is an earlier container of an open session (dead, or alive beside the current one);
+        or it runs for a session that never recorded it (a create or resume that died with
+        its gateway) past the creation timeout. A container being started right now — not
+        yet recorded on its session — is never one."""
+        if session is None or not session.status.open:
+            return True
+        if session.container_id == container.id:
+            return False
+        if container.state is ContainerState.EXITED or session.container_id is not None:
+            return True
+        began = as_utc(session.resumed_at) or as_utc(session.created_at) or utcnow()
+        return began < utcnow() - self._creation_timeout
+
+    async def _repair_containerless(self, session: Session) -> bool:
+        """A live session with no container past the creation timeout: its create or resume
+        died with its gateway. A resume goes back to paused (the next prompt retries); a
+        create fails. True when it changed something."""
+        created = as_utc(session.resumed_at) or as_utc(session.created_at) or utcnow()
+        if created > utcnow() - self._creation_timeout:
+            return False  # still being created (e.g. a slow workspace clone)
+        async with self._db() as db:
+            await lock_tree(db, session.root_id)
+            if session.resumed_at is not None:
+                changed = (
+                    await db.exec(
+                        update(Session)
+                        .where(col(Session.id) == session.id)
+                        .where(col(Session.status).in_(LIVE))
+                        .where(col(Session.container_id).is_(None))
+                        .values(status=SessionStatus.PAUSED, resumed_at=None)
+                    )
+                ).rowcount == 1
+            else:
+                current = await db.get(Session, session.id)
+                changed = current is not None and await end_session(
+                    db, current, SessionStatus.FAILED, "the session was never started"
+                )
+                await cancel_open_turns(db, session.id, running=TurnStatus.FAILED, reason="exited")
+            await db.commit()
+        logger.warning("reaper: session %s had no container; repaired", session.id)
+        return changed

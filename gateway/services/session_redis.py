@@ -66,7 +66,7 @@ def acl_password(secret: str, session_id: str) -> str:
 
 async def ensure_acl_user(client: aioredis.Redis, session_id: str, password: str) -> bool:
     """Create the session's ACL user if it is missing; True when it had to be created."""
-    with _redis_errors():
+    with redis_errors():
         if await client.acl_getuser(redis_username(session_id)) is not None:
             return False
         await _set_acl_user(client, session_id, password)
@@ -88,7 +88,7 @@ async def _set_acl_user(client: aioredis.Redis, session_id: str, password: str) 
 
 
 @contextmanager
-def _redis_errors() -> Iterator[None]:
+def redis_errors() -> Iterator[None]:
     """Translate Redis failures into DependencyUnavailable("redis", ...)."""
     try:
         yield
@@ -111,7 +111,7 @@ async def provision(
     Raises DependencyUnavailable("redis", ...).
     """
     sid = spec.session_id
-    with _redis_errors():
+    with redis_errors():
         await client.set(spec_key(sid), spec.to_json())
         if token is not None:
             await client.set(token_key(sid), token, ex=token_ttl_s)
@@ -134,14 +134,14 @@ async def ensure_ledger_group(client: aioredis.Redis, session_id: str) -> None:
 
 async def revoke_access(client: aioredis.Redis, session_id: str) -> None:
     """Delete the session's ACL user and disconnect its clients (the container is gone)."""
-    with _redis_errors(), suppress(ResponseError):  # no such user: nothing to revoke
+    with redis_errors(), suppress(ResponseError):  # no such user: nothing to revoke
         await client.acl_deluser(redis_username(session_id))
 
 
 async def purge(client: aioredis.Redis, session_id: str) -> None:
     """Delete every key of the session and its ACL user."""
     await revoke_access(client, session_id)
-    with _redis_errors():
+    with redis_errors():
         await client.delete(
             spec_key(session_id),
             input_key(session_id),
@@ -153,13 +153,26 @@ async def purge(client: aioredis.Redis, session_id: str) -> None:
 
 async def push_turn(client: aioredis.Redis, session_id: str, request: TurnRequest) -> None:
     """Queue a prompt for the wrapper (RPUSH keeps arrival order)."""
-    with _redis_errors():
+    with redis_errors():
         await client.rpush(input_key(session_id), request.to_json())
+
+
+async def requeue_turns(
+    client: aioredis.Redis, session_id: str, requests: list[TurnRequest]
+) -> None:
+    """Replace the session's input list with ``requests`` (a resumed session: the database's
+    queued turns, oldest first, are the truth; whatever the dead container left is dropped)."""
+    with redis_errors():
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.delete(input_key(session_id))
+            if requests:
+                pipe.rpush(input_key(session_id), *(r.to_json() for r in requests))
+            await pipe.execute()
 
 
 async def drain_turns(client: aioredis.Redis, session_id: str) -> list[TurnRequest]:
     """Remove and return prompts the wrapper never took (the session is stopping)."""
-    with _redis_errors():
+    with redis_errors():
         async with client.pipeline(transaction=True) as pipe:
             pipe.lrange(input_key(session_id), 0, -1)
             pipe.delete(input_key(session_id))
@@ -169,13 +182,13 @@ async def drain_turns(client: aioredis.Redis, session_id: str) -> list[TurnReque
 
 async def store_token(client: aioredis.Redis, session_id: str, token: str, ttl_s: int) -> None:
     """Replace the session's token (renewal); it expires with the token."""
-    with _redis_errors():
+    with redis_errors():
         await client.set(token_key(session_id), token, ex=ttl_s)
 
 
 async def token_ttl(client: aioredis.Redis, session_id: str) -> int:
     """Seconds left on the session's stored token (negative when missing)."""
-    with _redis_errors():
+    with redis_errors():
         return int(await client.ttl(token_key(session_id)))
 
 
@@ -192,7 +205,7 @@ async def notify(
     (envelopes.py: the ledger refuses a gateway event without the signature)."""
     signed = sign_notice(key, session_id, event.value, data)
     message = ControlMessage(type=ControlType.NOTIFY, event=event.value, data=signed)
-    with _redis_errors():
+    with redis_errors():
         await client.rpush(control_key(session_id), message.to_json())
 
 
@@ -215,7 +228,7 @@ def group_backlog(group: dict[Any, Any] | None) -> int:
 
 async def unpersisted(client: aioredis.Redis, session_id: str) -> int:
     """:func:`group_backlog` of the session's stream; 0 when the stream or group is gone."""
-    with _redis_errors():
+    with redis_errors():
         try:
             groups = await client.xinfo_groups(events_key(session_id))
         except ResponseError:
@@ -234,13 +247,28 @@ def turn_recorded_notice(session_id: str, message_id: str) -> bytes:
 async def announce_turn_recorded(client: aioredis.Redis, session_id: str, message_id: str) -> None:
     """Publish :func:`turn_recorded_notice` on the session's live channel, so waiters and
     clients wake at once (it is a hint: the database is the truth)."""
-    with _redis_errors():
+    with redis_errors():
         await client.publish(live_channel(session_id), turn_recorded_notice(session_id, message_id))
+
+
+async def announce_turn_silent(
+    client: aioredis.Redis, session_id: str, message_id: str, silent_s: float
+) -> None:
+    """Publish the notice ``{"type":"turn_silent","session_id","message_id","silent_s"}``: the
+    running turn produced no event for ``silent_s`` seconds (the no-output watchdog)."""
+    notice = {
+        "type": "turn_silent",
+        "session_id": session_id,
+        "message_id": message_id,
+        "silent_s": round(silent_s, 1),
+    }
+    with redis_errors():
+        await client.publish(live_channel(session_id), json.dumps(notice, separators=(",", ":")))
 
 
 async def push_control(client: aioredis.Redis, session_id: str, message: ControlMessage) -> None:
     """Send a control message (interrupt) to the wrapper."""
-    with _redis_errors():
+    with redis_errors():
         await client.rpush(control_key(session_id), message.to_json())
 
 

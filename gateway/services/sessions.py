@@ -22,15 +22,16 @@ from gateway.errors import (
 from gateway.services import family
 from gateway.services.artifacts import safe_relative_path
 from gateway.services.creation import Creation
+from gateway.services.pause import PauseResume
 from gateway.services.provision import config_volume_name, workspace_volume_name
-from gateway.services.shutdown import Shutdown
 
 
-class SessionService(Creation, Shutdown):
+class SessionService(Creation, PauseResume):
     """Operations on sessions; callers are authorised with :meth:`authorize`.
 
     Its parts: creation.py (create, spawn), provision.py (containers, volumes, Redis access),
-    turns.py (chat, wait, interrupt), shutdown.py (stop, delete); lookups live here.
+    turns.py (chat, wait, interrupt), shutdown.py (stop, delete), pause.py (pause, resume);
+    lookups live here.
     """
 
     # ------------------------------------------------------------------ lookups, authz

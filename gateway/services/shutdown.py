@@ -42,7 +42,7 @@ class Shutdown(Provisioning):
         """
         await self._stop_children(db, session)
         current = await db.get(Session, session.id, populate_existing=True)
-        if current is None or not current.status.live:
+        if current is None or not current.status.open:
             return current or session
         session = current
         session.last_activity = utcnow()  # the reaper leaves recently active sessions alone
@@ -74,7 +74,7 @@ class Shutdown(Provisioning):
 
     async def _stop_children(self, db: AsyncSession, session: Session) -> None:
         for child in await family.children_of(db, session.id):
-            if child.status.live:
+            if child.status.open:
                 await self.stop(db=db, session=child)
 
     async def _await_recorded(self, session_id: str) -> None:

@@ -28,6 +28,7 @@ from gateway.errors import SpawnRefused
 
 __all__ = [
     "LIVE",
+    "OPEN",
     "SpawnLimits",
     "SpawnRefused",
     "add_spend",
@@ -39,6 +40,9 @@ __all__ = [
 ]
 
 LIVE = [SessionStatus.STARTING, SessionStatus.IDLE, SessionStatus.RUNNING]
+OPEN = [*LIVE, SessionStatus.PAUSED]
+"""Not ended: live or paused. A paused session still counts in its tree's ``live_sessions`` and
+its parent's ``live_children`` (it resumes without asking for room again)."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,8 @@ async def release_admission(db: AsyncSession, *, session: Session) -> None:
 async def end_session(
     db: AsyncSession, session: Session, status: SessionStatus, error: str | None = None
 ) -> bool:
-    """Move a live session to stopped/failed and release its live counters, exactly once.
+    """Move an open (live or paused) session to stopped/failed and release its live counters,
+    exactly once.
 
     Returns False (and changes nothing) when the session had already ended. The caller commits.
     """
@@ -172,7 +177,7 @@ async def end_session(
         db,
         update(Session)
         .where(col(Session.id) == session.id)
-        .where(col(Session.status).in_(LIVE))
+        .where(col(Session.status).in_(OPEN))
         .values(**values),
     )
     if flipped:

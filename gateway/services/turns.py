@@ -16,13 +16,14 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.db.models import (
     Session,
+    SessionStatus,
     Turn,
     TurnStatus,
     utcnow,
 )
 from gateway.errors import (
     Conflict,
-    DependencyUnavailable,
+    GatewayError,
     NotFound,
     TurnTimeout,
 )
@@ -37,27 +38,30 @@ class TurnOps(ServiceBase):
     async def chat(
         self, *, db: AsyncSession, session: Session, prompt: str, timeout_s: float | None
     ) -> Turn:
-        """Queue a prompt (also while starting or running: turns run in arrival order).
+        """Queue a prompt (also while starting or running: turns run in arrival order); on a
+        paused session, resume it (a new container continues the conversation).
 
-        The turn is inserted only if the session is still live, in one statement under the
+        The turn is inserted only if the session is still open, in one statement under the
         tree's lock, so a concurrent stop either sees it (and cancels it) or refuses it
-        (Conflict): no turn is left queued forever.
+        (Conflict): no turn is left queued forever. A paused session's prompt is not pushed
+        to Redis here: the resume re-pushes every queued turn from the database, in order.
         """
         turn = Turn(id=str(uuid.uuid4()), session_id=session.id, prompt=prompt)
         await tree.lock_tree(db, session.root_id)
         now = utcnow()
         added = await db.exec(
             insert(Turn).from_select(
-                ["id", "session_id", "prompt", "status", "created_at"],
+                ["id", "session_id", "prompt", "status", "created_at", "timeout_s"],
                 sa_select(
                     literal(turn.id, _TURN.c.id.type),
                     literal(session.id, _TURN.c.session_id.type),
                     literal(prompt, _TURN.c.prompt.type),
                     literal(TurnStatus.QUEUED, _TURN.c.status.type),
                     literal(now, _TURN.c.created_at.type),
+                    literal(timeout_s, _TURN.c.timeout_s.type),
                 ).where(
                     exists().where(
-                        col(Session.id) == session.id, col(Session.status).in_(tree.LIVE)
+                        col(Session.id) == session.id, col(Session.status).in_(tree.OPEN)
                     )
                 ),
             )
@@ -70,20 +74,30 @@ class TurnOps(ServiceBase):
         await db.exec(
             update(Session).where(col(Session.id) == session.id).values(last_activity=now)
         )
+        # Read under the same lock: a pause either committed before (paused) or waits for us
+        # (and then sees this turn and does not pause).
+        status = (await db.exec(select(Session.status).where(col(Session.id) == session.id))).one()
         await db.commit()
         turn.created_at = now
         try:
-            await session_redis.push_turn(
-                self.redis,
-                session.id,
-                TurnRequest(message_id=turn.id, prompt=prompt, timeout_seconds=timeout_s),
-            )
-        except DependencyUnavailable:
+            if SessionStatus(status) is SessionStatus.PAUSED:
+                await self._resume_paused(session.id)
+            else:
+                await session_redis.push_turn(
+                    self.redis,
+                    session.id,
+                    TurnRequest(message_id=turn.id, prompt=prompt, timeout_seconds=timeout_s),
+                )
+        except GatewayError:
             with contextlib.suppress(SQLAlchemyError):
                 await db.exec(delete(Turn).where(col(Turn.id) == turn.id))
                 await db.commit()
             raise
         return turn
+
+    async def _resume_paused(self, sid: str) -> None:
+        """Resume a paused session whose prompt was just queued (pause.py overrides this)."""
+        raise NotImplementedError
 
     async def latest_turn(self, *, session: Session) -> Turn:
         """The session's most recent prompt (own short-lived handle); Conflict when none."""
@@ -136,9 +150,22 @@ class TurnOps(ServiceBase):
         return turn
 
     async def interrupt(self, *, session: Session) -> None:
-        """Ask the wrapper to interrupt the running turn (CLI control-protocol interrupt)."""
+        """Ask the wrapper to interrupt the running turn (CLI control-protocol interrupt).
+
+        The wrapper kills the CLI if no result follows within ``interrupt_grace_s``; the
+        lifecycle loop kills the container if the turn is still open 5 s after that (the
+        running turn's ``interrupt_requested_at`` marks the request). Conflict unless live."""
         if not session.status.live:
-            raise Conflict(f"session {session.id} is {session.status.value}")
+            raise Conflict(f"session {session.id} is {session.status.value}; nothing to interrupt")
+        async with self.db_factory() as db:
+            await db.exec(
+                update(Turn)
+                .where(col(Turn.session_id) == session.id)
+                .where(col(Turn.status) == TurnStatus.RUNNING)
+                .where(col(Turn.interrupt_requested_at).is_(None))
+                .values(interrupt_requested_at=utcnow())
+            )
+            await db.commit()
         await session_redis.push_control(
             self.redis, session.id, ControlMessage(type=ControlType.INTERRUPT)
         )

@@ -66,28 +66,6 @@ async def test_a_turn_over_its_timeout_is_interrupted(make_api: Any) -> None:
     assert events[-1]["turn_id"] == result["message_id"]
 
 
-async def test_a_container_killed_behind_our_back_fails_its_session(
-    make_api: Any, docker_client: docker.DockerClient
-) -> None:
-    api: Api = make_api()
-    sid = (await api.http.post("/api/v1/sessions", json={})).json()["session_id"]
-    await _run(api, sid, "echo alive")
-    container_id = (await api.http.get(f"/api/v1/sessions/{sid}")).json()["container_id"]
-    await asyncio.to_thread(docker_client.containers.get(container_id).kill)
-
-    async def failed() -> bool:
-        body = (await api.http.get(f"/api/v1/sessions/{sid}")).json()
-        return bool(body["status"] == "failed")
-
-    await _eventually(failed)
-    session = (await api.http.get(f"/api/v1/sessions/{sid}")).json()
-    assert "exited with status 137" in session["error"]
-    with pytest.raises(docker.errors.NotFound):
-        docker_client.containers.get(container_id)
-    r = await api.http.post(f"/api/v1/sessions/{sid}/chat", json={"prompt": "hi"})
-    assert r.status_code == 409
-
-
 async def test_orphan_containers_and_volumes_are_removed_but_not_another_deployments(
     e2e_gateway: Any, docker_client: docker.DockerClient
 ) -> None:

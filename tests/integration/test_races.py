@@ -187,11 +187,21 @@ async def test_the_reaper_leaves_a_session_being_created_alone(
     from datetime import timedelta
 
     from gateway.db.models import utcnow
+    from gateway.metrics import Metrics
+    from gateway.services.container_deaths import DeathWatch
     from gateway.services.reaper import Reaper
 
     client = aioredis.Redis.from_url(redis_server.url)
     runtime = DockerRuntime(deployment=f"test-{uuid.uuid4().hex[:8]}")
+    deaths = DeathWatch(
+        runtime=runtime,
+        redis=client,
+        db_factory=service.db_factory,
+        jwt_key=JWT_SECRET,
+        metrics=Metrics(),
+    )
     reaper = Reaper(
+        deaths=deaths,
         runtime=runtime,
         db_factory=service.db_factory,
         redis=client,
@@ -225,6 +235,6 @@ async def test_the_reaper_leaves_a_session_being_created_alone(
         given_up = await db.get(Session, abandoned)
     assert still is not None and still.status is SessionStatus.STARTING
     assert given_up is not None and given_up.status is SessionStatus.FAILED
-    assert done["sessions_failed"] == 1
+    assert done["sessions_repaired"] == 1
     await runtime.close()
     await client.aclose()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -52,12 +53,18 @@ class FollowUps:
         self._collector = collector
         self._max_callbacks = max_callbacks
         self._callbacks: set[asyncio.Task[None]] = set()
+        self.on_paused: Callable[[str], None] = lambda sid: None
+        """Told of each session a container death paused (set by the gateway at start)."""
 
     async def run(self, sid: str, applied: Applied) -> None:
         """Every follow-up of one committed lifecycle event of session ``sid``."""
         if applied.finished is not None:
             turn = applied.finished
             self._metrics.turns.labels(outcome=turn.status.value).inc()
+        if applied.resumed_s is not None:
+            self._metrics.resume_seconds.observe(applied.resumed_s)
+        if applied.paused:
+            self.on_paused(sid)
         if applied.recorded_turn is not None:
             try:
                 await announce_turn_recorded(self._redis, sid, applied.recorded_turn)

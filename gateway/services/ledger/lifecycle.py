@@ -11,8 +11,17 @@ failure and entries of one session can be applied by different replicas:
                     the changed files are left in ``Turn.pending_files`` for the collector, and a
                     turn without files is recorded (``recorded_at``) in the same commit
     error           kept as the session's last error
-    exited          session -> stopped (asked) or failed (crashed); open turns cancelled; the
-                    container is released by the collector once the turn's files are copied
+    exited          stopped (asked): session -> stopped, open turns cancelled/interrupted;
+                    crashed (the wrapper gave up, or the gateway closed the stream of a
+                    container that died: ``cause`` oom/killed/exited): session -> paused with
+                    that reason, queued turns kept for the resume — or failed once it has
+                    crashed more than ``max_crash_resumes`` times in a row; a session the
+                    gateway is pausing (already ``paused``) is left to the pause.
+                    The dead container is released by the collector once its files are copied.
+
+Events of ``source: gateway`` that carry a wrapper type (``turn_completed``, ``exited``) were
+written by the gateway for a dead container (envelopes.py checks their signature) and are
+applied the same way.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from sqlalchemy import func
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from gateway.db.models import Session, SessionStatus, Turn, TurnStatus, utcnow
+from gateway.db.models import Session, SessionStatus, Turn, TurnStatus, as_utc, utcnow
 from gateway.services.tree import cancel_open_turns, end_session, lock_tree
 from wrapper.protocol import EventType
 
@@ -33,7 +42,7 @@ def turn_status_of(data: dict[str, Any]) -> TurnStatus:
     """Final turn status from a turn_completed event (interrupts are recognised by
     ``terminal_reason``, not ``is_error``, which differs between CLI versions)."""
     reason = str(data.get("terminal_reason") or "")
-    if reason.startswith("aborted") or reason in ("stopped", "turn_timeout"):
+    if reason.startswith("aborted") or reason in ("stopped", "turn_timeout", "interrupt_ignored"):
         return TurnStatus.INTERRUPTED
     if data.get("is_error"):
         return TurnStatus.FAILED
@@ -53,11 +62,21 @@ class Applied:
     """The session ended: the collector removes this container after its turns' files."""
     finished: Turn | None = None
     ended: SessionStatus | None = None
+    paused: bool = False
+    """The session's container died and the session was paused (resume if prompts wait)."""
+    resumed_s: float | None = None
+    """A resumed session became ready: seconds since its resume began."""
     notes: list[str] = field(default_factory=list)
 
 
 async def apply_lifecycle(
-    db: AsyncSession, sid: str, kind: str, turn_id: str | None, data: dict[str, Any]
+    db: AsyncSession,
+    sid: str,
+    kind: str,
+    turn_id: str | None,
+    data: dict[str, Any],
+    *,
+    max_crash_resumes: int = 3,
 ) -> Applied:
     """Apply one wrapper event of session ``sid`` in the current transaction (the caller
     commits). Returns what to do after the commit; nothing when the session is gone."""
@@ -71,6 +90,10 @@ async def apply_lifecycle(
         session.cli_session_id = data.get("cli_session_id")
         if session.status is SessionStatus.STARTING:
             session.status = SessionStatus.IDLE
+            resumed = as_utc(session.resumed_at)
+            if resumed is not None:
+                applied.resumed_s = max(0.0, (utcnow() - resumed).total_seconds())
+                session.resumed_at = None
     elif kind == EventType.TURN_STARTED and turn_id:
         turn = await db.get(Turn, turn_id)
         if turn is not None and turn.session_id == sid and turn.status is TurnStatus.QUEUED:
@@ -103,7 +126,21 @@ async def apply_lifecycle(
     elif kind == EventType.ERROR:
         session.error = str(data.get("message") or data.get("code"))[:4000]
     elif kind == EventType.EXITED:
-        if session.container_id:
+        if session.status is SessionStatus.PAUSED:
+            pass  # the gateway is pausing it: the pause releases the container
+        elif (
+            data.get("reason") != "stopped"
+            and session.status.live
+            and (session.crashes < max_crash_resumes)
+        ):
+            if session.container_id:
+                applied.release_container = session.container_id
+            await _pause_after_crash(db, session, data)
+            applied.paused = True
+            session.last_activity = utcnow()
+            db.add(session)
+            return applied
+        elif session.container_id:
             applied.release_container = session.container_id
         ended = await _on_exited(db, session, data)
         if ended is not None:
@@ -144,6 +181,9 @@ async def _complete_turn(
     turn.num_turns = _int(data.get("num_turns"))
     turn.duration_ms = _int(data.get("duration_ms"))
     turn.completed_at = now
+    turn.outcome = _short(data.get("outcome"), 16)
+    if turn.status is TurnStatus.COMPLETED:
+        session.crashes = 0
     files = [f for f in data.get("files") or [] if isinstance(f, dict)]
     # Turns are recorded in order: one without files still goes through the collector when an
     # earlier turn's files are being copied, so "recorded" never overtakes an earlier turn.
@@ -161,6 +201,29 @@ async def _complete_turn(
     if session.status is SessionStatus.RUNNING:
         session.status = SessionStatus.IDLE
     return turn
+
+
+async def _pause_after_crash(db: AsyncSession, session: Session, data: dict[str, Any]) -> None:
+    """The container died: paused (reason: how it died), the running turn failed if it never
+    got its turn_completed, queued turns kept for the resume."""
+    cause = str(data.get("cause") or "crashed")[:32]
+    session.status = SessionStatus.PAUSED
+    session.paused_reason = cause
+    session.crashes += 1
+    session.container_id = None
+    session.error = session.error or f"the session container died ({cause})"
+    rows = await db.exec(
+        select(Turn).where(Turn.session_id == session.id, Turn.status == TurnStatus.RUNNING)
+    )
+    now = utcnow()
+    for turn in rows.all():
+        turn.status = TurnStatus.FAILED
+        turn.is_error = True
+        turn.outcome = cause if cause in ("oom", "killed", "exited") else "exited"
+        turn.terminal_reason = f"container_{turn.outcome}"
+        turn.errors = [f"the session container died ({cause}) during the turn"]
+        turn.completed_at = turn.recorded_at = now
+        db.add(turn)
 
 
 async def _on_exited(

@@ -29,6 +29,7 @@ import socket
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, cast
 
@@ -122,6 +123,11 @@ class Ledger:
         self._refreshed_at = 0.0
 
     # ------------------------------------------------------------------------ tracking
+
+    def on_paused(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(session_id)`` after a crash paused a session (the lifecycle loop
+        resumes it if prompts wait)."""
+        self._followups.on_paused = callback
 
     def track(self, session_id: str) -> None:
         """Start reading a session's stream now (it is also found by the periodic refresh)."""
@@ -292,7 +298,10 @@ class Ledger:
                 continue
             if entry.envelope is None:
                 await self._dead_letter(entry, entry.problem or "invalid envelope", attempts=1)
-            elif entry.envelope.get("source") == "wrapper":
+            elif entry.envelope.get("source") == "wrapper" or (
+                entry.envelope.get("source") == "gateway"
+                and entry.envelope.get("type") in ("turn_completed", "exited")
+            ):
                 if not await self._apply(entry):
                     blocked.add(sid)
                     continue
@@ -338,7 +347,12 @@ class Ledger:
         try:
             async with self._db() as db:
                 applied = await apply_lifecycle(
-                    db, entry.session_id, str(envelope["type"]), turn_id, data or {}
+                    db,
+                    entry.session_id,
+                    str(envelope["type"]),
+                    turn_id,
+                    data or {},
+                    max_crash_resumes=self._settings.max_crash_resumes,
                 )
                 await db.commit()
         except SQLAlchemyError as exc:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import IO
@@ -99,6 +99,21 @@ class ContainerInfo:
     state: ContainerState
     labels: dict[str, str]
     exit_code: int | None = None
+    oom_killed: bool = False
+    """The kernel's OOM killer ended it (Docker's ``State.OOMKilled``)."""
+
+
+@dataclass(frozen=True)
+class ContainerDeath:
+    """One ``die`` (the container ended) or ``oom`` (a process in it hit the memory limit and
+    was killed; the container may live on) event of a container of this deployment."""
+
+    action: str
+    container_id: str
+    labels: dict[str, str]
+    exit_code: int | None
+    at: float
+    """Unix time of the event (seconds)."""
 
 
 class ContainerRuntime(abc.ABC):
@@ -136,6 +151,17 @@ class ContainerRuntime(abc.ABC):
     @abc.abstractmethod
     async def remove(self, container_id: str) -> None:
         """Force-remove the container (and its anonymous volumes); missing is fine."""
+
+    @abc.abstractmethod
+    async def kill(self, container_id: str) -> None:
+        """SIGKILL the container now (no grace); missing or already dead is fine."""
+
+    @abc.abstractmethod
+    def deaths(self) -> AsyncIterator[ContainerDeath | None]:
+        """Follow the engine's event stream: each container of this deployment that dies or
+        hits its memory limit, as it happens. ``None`` means events were dropped (the consumer
+        fell behind): reconcile by listing. Raises DependencyUnavailable when the stream
+        cannot be opened or ends."""
 
     @abc.abstractmethod
     async def inspect(self, container_id: str) -> ContainerInfo | None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import IO, Any, TypeVar, cast
 
 import docker
@@ -23,12 +24,14 @@ from gateway.services.runtime.base import (
     LABEL_HELPER,
     LABEL_MANAGED,
     LABEL_SESSION,
+    ContainerDeath,
     ContainerInfo,
     ContainerRuntime,
     ContainerSpec,
     ContainerState,
     FileSink,
 )
+from gateway.services.runtime.docker_events import follow_deaths
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,25 @@ def _info(container: Any) -> ContainerInfo:
         state=state,
         labels=dict(container.labels or {}),
         exit_code=status.get("ExitCode") if state is ContainerState.EXITED else None,
+        oom_killed=bool(status.get("OOMKilled")),
     )
+
+
+def bridge_gateway(ipam_config: dict[str, Any]) -> str | None:
+    """The host's IPv4 address on a bridge network from one IPAM config entry: its
+    ``Gateway``, or — when the engine does not list it (Docker 28 leaves it out for the
+    default bridge) — the first address of its ``Subnet``, which is where Docker puts it.
+    None for IPv6 or an entry without either."""
+    gateway = ipam_config.get("Gateway")
+    if isinstance(gateway, str) and gateway and ":" not in gateway:
+        return gateway
+    subnet = ipam_config.get("Subnet")
+    if isinstance(subnet, str) and subnet and ":" not in subnet:
+        try:
+            return str(next(ipaddress.ip_network(subnet, strict=False).hosts()))
+        except (ValueError, StopIteration):
+            return None
+    return None
 
 
 class DockerRuntime(ContainerRuntime):
@@ -148,8 +169,8 @@ class DockerRuntime(ContainerRuntime):
             addresses = []
             for net in (name, "bridge"):
                 for config in client.networks.get(net).attrs.get("IPAM", {}).get("Config") or []:
-                    gateway = config.get("Gateway")
-                    if gateway and ":" not in gateway:
+                    gateway = bridge_gateway(config)
+                    if gateway:
                         addresses.append(gateway)
             return addresses
 
@@ -261,6 +282,30 @@ class DockerRuntime(ContainerRuntime):
             if exc.status_code == 409:  # removal already in progress
                 return
             raise DependencyUnavailable("docker", str(exc)) from exc
+
+    async def kill(self, container_id: str) -> None:
+        """SIGKILL now; missing or not running is fine."""
+
+        def _kill() -> None:
+            try:
+                self._docker().containers.get(container_id).kill()
+            except NotFound:
+                return
+            except APIError as exc:
+                if exc.status_code != 409:  # 409: not running
+                    raise
+
+        try:
+            await self._call(_kill)
+        except APIError as exc:
+            raise DependencyUnavailable("docker", str(exc)) from exc
+
+    def deaths(self) -> AsyncIterator[ContainerDeath | None]:
+        """Container deaths of this deployment, as the engine reports them
+        (runtime/docker_events.py)."""
+        return follow_deaths(
+            self._docker, [LABEL_MANAGED, f"{LABEL_DEPLOYMENT}={self._deployment}"]
+        )
 
     async def inspect(self, container_id: str) -> ContainerInfo | None:
         """Current state, or None when the container does not exist."""

@@ -62,3 +62,20 @@ def test_shape_source_and_type_rules() -> None:
     }
     assert all(problem is not None for problem in problems.values()), problems
     assert problems["another session"].startswith("forged")  # type: ignore[union-attr]
+
+
+def test_the_gateway_may_close_a_dead_containers_stream_only_with_its_signature() -> None:
+    data = {"reason": "crashed", "cause": "killed", "exit_code": 137, "cli_exit_code": None}
+    signed = sign_notice(KEY, SID, "exited", data)
+    assert envelope_problem(SID, _env(type="exited", source="gateway", data=signed), KEY) is None
+    forged = _env(type="exited", source="gateway", data=data)
+    assert "signature" in str(envelope_problem(SID, forged, KEY))
+    oom = sign_notice(KEY, SID, "container_oom", {"message": "out of memory"})
+    assert (
+        envelope_problem(SID, _env(type="container_oom", source="gateway", data=oom), KEY) is None
+    )
+    # The wrapper may not claim the gateway's notice, nor the CLI a ccgate type.
+    assert "not a wrapper event" in str(
+        envelope_problem(SID, _env(type="container_oom", source="wrapper", data={}), KEY)
+    )
+    assert "forged" in str(envelope_problem(SID, _env(type="container_oom", data={}), KEY))

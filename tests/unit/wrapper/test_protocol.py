@@ -99,3 +99,21 @@ def test_notifications_carry_only_child_events() -> None:
     assert ControlMessage.from_json(message.to_json()) == message
     with pytest.raises(ValueError, match="unknown notification"):
         ControlMessage.from_json('{"type":"notify","event":"exited","data":{}}')
+
+
+def test_a_turns_outcome_names_how_it_ended() -> None:
+    from wrapper.protocol import TurnOutcome
+    from wrapper.turns import turn_outcome
+
+    ok = {"subtype": "success", "is_error": False, "terminal_reason": "completed"}
+    assert turn_outcome(ok, None) is TurnOutcome.COMPLETED
+    assert turn_outcome({"is_error": True, "terminal_reason": "max_turns"}, None) is (
+        TurnOutcome.ERROR
+    )
+    aborted = {"is_error": True, "terminal_reason": "aborted_streaming"}
+    assert turn_outcome(aborted, None) is TurnOutcome.INTERRUPTED
+    assert turn_outcome(aborted, TurnOutcome.TIMEOUT) is TurnOutcome.TIMEOUT
+    assert turn_outcome({"terminal_reason": "turn_timeout"}, None) is TurnOutcome.TIMEOUT
+    assert turn_outcome({"terminal_reason": "interrupt_ignored"}, None) is TurnOutcome.KILLED
+    assert turn_outcome({"terminal_reason": "stopped"}, None) is TurnOutcome.KILLED
+    assert turn_outcome({"terminal_reason": "cli_exited"}, None) is TurnOutcome.EXITED
