@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.services.admission import Limits
 from gateway.services.metering.prices import ModelPrice
 
 JWT_ALGORITHM = "HS256"
@@ -138,6 +139,16 @@ class Settings(BaseSettings):
     interrupt_grace_s: float = Field(default=10.0, gt=0, le=300)
     """After an interrupt the CLI has this long to end the turn before the wrapper kills it;
     the gateway kills the container if the turn is still open 5 s after that."""
+    max_live_sessions: int = Field(default=200, ge=0)
+    """Live sessions (each with a container) in the whole deployment (0: no limit)."""
+    max_live_sessions_per_user: int = Field(default=20, ge=0)
+    """Live sessions of one user (0: no limit); paused and queued ones do not count."""
+    max_active_turns_per_user: int = Field(default=200, ge=0)
+    """Queued + running prompts of one user over all sessions (0: no limit)."""
+    host_memory_reserve_mib: int = Field(default=1024, ge=0)
+    """No container is started while the host's available memory is below this (0: off)."""
+    admission_retry_after_s: int = Field(default=5, ge=1)
+    """The Retry-After of an admission refusal (429)."""
     turn_silence_s: float = Field(default=600.0, gt=0)
     """A running turn with no event for this long is flagged (``turn_silent`` notice, metric)."""
     stream_maxlen: int = 10_000
@@ -310,6 +321,16 @@ class Settings(BaseSettings):
     def gateway_url_for_containers(self) -> str:
         """Base URL the ccgate MCP tools inside containers call."""
         return self.container_gateway_url or f"http://host.docker.internal:{self.port}"
+
+    def admission_limits(self) -> Limits:
+        """The admission limits (services/admission.py)."""
+        return Limits(
+            max_live=self.max_live_sessions,
+            max_live_per_user=self.max_live_sessions_per_user,
+            max_active_turns_per_user=self.max_active_turns_per_user,
+            memory_reserve_mib=self.host_memory_reserve_mib,
+            retry_after_s=self.admission_retry_after_s,
+        )
 
     def jwt_key(self) -> str:
         """The HS256 signing key: CCGATE_JWT_SECRET, else a secret file created on first use."""

@@ -103,6 +103,17 @@ class RateLimited(GatewayError):
         self.retry_after_s = retry_after_s
 
 
+class AdmissionRefused(RateLimited):
+    """Over an admission limit (services/admission.py): 429 with Retry-After; ``limit`` names
+    the setting that refused."""
+
+    code = "admission_refused"
+
+    def __init__(self, message: str, *, limit: str, retry_after_s: int) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        self.limit = limit
+
+
 class TurnTimeout(GatewayError):
     """A synchronous chat did not finish in time; the turn keeps running."""
 

@@ -204,6 +204,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
         )
         ledger.on_paused(lifecycle.wake)
+        app.state.sessions.wake_lifecycle = lifecycle.wake
         supervisor.start("lifecycle", lifecycle.run)
         register_gauges(app)
         try:

@@ -161,6 +161,8 @@ class SessionCreate(_Strict):
     workspace: WorkspaceSpec = Field(default_factory=WorkspaceSpec)
     config: SessionConfig = Field(default_factory=SessionConfig)
     parent_session_id: str | None = Field(default=None, max_length=36)
+    queue: bool = False
+    """Over an admission limit, wait in the queue (status ``queued``) instead of a 429."""
 
 
 class SpawnWorkspace(_Strict):
@@ -226,6 +228,8 @@ class SessionCreated(BaseModel):
     container_id: str | None
     created_at: datetime
     websocket_url: str
+    queue_position: int | None = None
+    """With ``queue``: the session's place in the admission queue (status ``queued``)."""
 
 
 class SessionPublic(BaseModel):
@@ -253,6 +257,8 @@ class SessionPublic(BaseModel):
     """Seconds idle before the container is paused (0: never; None: the deployment's default)."""
     expires_at: datetime | None
     """When the session's maximum lifetime ends (it is then stopped); None: unlimited."""
+    queue_position: int | None = None
+    """1-based place in the admission queue while it waits for room; None otherwise."""
 
 
 class SessionList(BaseModel):
@@ -271,6 +277,9 @@ class ChatRequest(_Strict):
     prompt: Prompt
     stream: bool = True
     timeout_seconds: float | None = Field(default=None, gt=0, le=86_400)
+    queue: bool = False
+    """A paused session that cannot resume now (admission limit): keep the prompt queued
+    and resume when room frees, instead of a 429."""
 
 
 class ChatAccepted(BaseModel):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response, status
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response, status
 
 from gateway.db.models import Turn, as_utc
 from gateway.deps import DbDep, OwnedSession, ServiceDep
@@ -44,14 +46,23 @@ async def chat(
     response: Response,
     db: DbDep,
     service: ServiceDep,
+    queue: Annotated[
+        bool, Query(description="keep the prompt if the session cannot resume now")
+    ] = False,
 ) -> ChatAccepted | ChatResult:
-    """Send a prompt. Queued in order while the session starts or another turn runs.
+    """Send a prompt. Queued in order while the session starts or another turn runs; on a
+    paused session it resumes the session (429 with Retry-After when there is no room for its
+    container, unless ``?queue=true`` or ``queue`` in the body keeps the prompt until there is).
 
     ``stream=true`` (default): 202 with the ``message_id``; events carry it as ``turn_id``.
     ``stream=false``: waits and returns the result (504 if it takes longer than the timeout).
     """
     turn = await service.chat(
-        db=db, session=session, prompt=body.prompt, timeout_s=body.timeout_seconds
+        db=db,
+        session=session,
+        prompt=body.prompt,
+        timeout_s=body.timeout_seconds,
+        queue=queue or body.queue,
     )
     if body.stream:
         return ChatAccepted(message_id=turn.id)

@@ -48,26 +48,38 @@ def session_public(session: Session, child_ids: list[str]) -> SessionPublic:
         paused_reason=session.paused_reason,
         idle_timeout_s=session.idle_timeout_s,
         expires_at=as_utc(session.expires_at),
+        queue_position=session.queue_position,
     )
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 async def create_session(
-    body: SessionCreate, request: Request, db: DbDep, user: CurrentUser, service: ServiceDep
+    body: SessionCreate,
+    request: Request,
+    db: DbDep,
+    user: CurrentUser,
+    service: ServiceDep,
+    queue: Annotated[bool, Query(description="wait in the admission queue, not 429")] = False,
 ) -> SessionCreated:
     """Start a session: its own container running the Claude Code CLI.
 
     Returns at once with status ``starting``; the ``ready`` event (and status ``idle``) follows
     when the CLI answered its handshake. Chats sent before then are queued. With
     ``parent_session_id`` the session is a child of that one, under the spawn limits (409).
+    Over an admission limit: 429 with Retry-After naming the limit — or, with ``?queue=true``
+    (or ``queue`` in the body), status ``queued`` and its ``queue_position``; it starts when
+    room frees, fairly across users.
     """
-    session = await service.create_session(db=db, principal=user, body=body)
+    session = await service.create_session(
+        db=db, principal=user, body=body, queue=queue or body.queue
+    )
     return SessionCreated(
         session_id=session.id,
         status=session.status.value,
         container_id=session.container_id,
         created_at=as_utc(session.created_at) or session.created_at,
         websocket_url=websocket_url(request, session.id),
+        queue_position=session.queue_position,
     )
 
 

@@ -59,6 +59,8 @@ class SessionStatus(StrEnum):
                 paused <-----+      (next prompt: starting again, with --resume)
     """
 
+    QUEUED = "queued"  # waiting for admission (a limit was reached and the client asked to
+    # queue): no container yet; chats queue; the lifecycle loop starts it when room frees
     STARTING = "starting"  # container created; the CLI is not ready yet (chats queue)
     IDLE = "idle"  # ready, no turn running
     RUNNING = "running"  # a turn is running (further chats queue)
@@ -74,8 +76,8 @@ class SessionStatus(StrEnum):
 
     @property
     def open(self) -> bool:
-        """True until the session ends: live, or paused (a prompt resumes it)."""
-        return self.live or self is SessionStatus.PAUSED
+        """True until the session ends: live, paused (a prompt resumes it) or queued."""
+        return self.live or self in (SessionStatus.PAUSED, SessionStatus.QUEUED)
 
 
 class TurnStatus(StrEnum):
@@ -137,6 +139,9 @@ class Session(SQLModel, table=True):
     """End of the session's maximum lifetime (None: unlimited); then it is stopped."""
     resumed_at: datetime | None = _ts(nullable=True)
     """When the last resume began (its ``ready`` measures the resume time)."""
+    queue_position: int | None = None
+    """1-based place in the admission queue while the session waits for room (queued, or
+    paused with a prompt waiting); None otherwise."""
 
 
 class SpawnTree(SQLModel, table=True):

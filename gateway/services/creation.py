@@ -12,24 +12,29 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
+from sqlalchemy import func, update
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.auth import Principal
 from gateway.db.models import (
     Session,
+    SessionStatus,
     SpawnTree,
     WorkspaceType,
     utcnow,
 )
 from gateway.errors import (
+    AdmissionRefused,
     Conflict,
     Forbidden,
 )
 from gateway.schemas import SessionConfig, SessionCreate, SpawnRequest
-from gateway.services import tree
+from gateway.services import admission, tree
 from gateway.services.callbacks import resolve_callback
 from gateway.services.metering.credentials import new_proxy_key
 from gateway.services.provision import Provisioning, session_spec, workspace_volume_name
+from gateway.services.session_base import logger
 from gateway.services.turns import TurnOps
 from wrapper.protocol import EventType
 
@@ -51,9 +56,12 @@ class Creation(Provisioning, TurnOps):
     """Roots, children through POST /sessions, and spawns: one path, all-or-nothing."""
 
     async def create_session(
-        self, *, db: AsyncSession, principal: Principal, body: SessionCreate
+        self, *, db: AsyncSession, principal: Principal, body: SessionCreate, queue: bool = False
     ) -> Session:
-        """``POST /sessions``: a root, or (with ``parent_session_id``) a child under limits."""
+        """``POST /sessions``: a root, or (with ``parent_session_id``) a child under limits.
+
+        Over an admission limit (admission.py): AdmissionRefused (429) — or, with ``queue``,
+        the session is created ``queued`` and started by the lifecycle loop when room frees."""
         parent = None
         if body.parent_session_id is not None:
             parent = await self.authorize(
@@ -73,6 +81,7 @@ class Creation(Provisioning, TurnOps):
                 workspace_id=body.workspace.id,
                 config=config,
             ),
+            queue=queue,
         )
 
     async def spawn(self, *, db: AsyncSession, parent: Session, body: SpawnRequest) -> Session:
@@ -104,10 +113,59 @@ class Creation(Provisioning, TurnOps):
             max_sessions=s.max_sessions_per_tree,
         )
 
-    async def _create(self, db: AsyncSession, new: _NewSession) -> Session:
+    async def _create(self, db: AsyncSession, new: _NewSession, *, queue: bool = False) -> Session:
+        async with self.admission_guard:
+            session, proxy_key = await self._insert(db, new, queue=queue)
+        if session.status is SessionStatus.QUEUED:
+            logger.info("session %s queued for admission", session.id)
+            self.wake_lifecycle(session.id)
+            return session
+        parent = new.parent
+        spec = session_spec(self.settings, session)
+        started = time.monotonic()
+        try:
+            await self._make_volumes(session, parent)
+            await self._start_container(db, session, spec, proxy_key, name=f"ccgate-{session.id}")
+            self.metrics.container_start_seconds.observe(time.monotonic() - started)
+            self.ledger.track(session.id)
+            if new.prompt is not None:
+                await self.chat(db=db, session=session, prompt=new.prompt, timeout_s=None)
+        except BaseException:
+            await self._undo_create(db, session)
+            raise
+        if parent is not None:
+            await self._notify(
+                parent.id,
+                EventType.CHILD_SPAWNED,
+                {"child_session_id": session.id, "depth": session.depth, "prompt": new.prompt},
+            )
+        return session
+
+    async def _insert(
+        self, db: AsyncSession, new: _NewSession, *, queue: bool
+    ) -> tuple[Session, str]:
+        """Insert the row (with the tree's admission) after the admission check: ``starting``,
+        or ``queued`` when over a limit and ``queue``. Returns it and its model credential."""
         parent = new.parent
         if parent is not None and not parent.status.live:
             raise Conflict(f"parent session {parent.id} is {parent.status.value}")
+        await admission.lock(db)
+        status = SessionStatus.STARTING
+        ahead = 0
+        try:
+            await admission.check_capacity(db, new.owner, self.settings.admission_limits())
+        except AdmissionRefused:
+            if not queue or new.prompt is not None:
+                await db.rollback()
+                raise
+            status = SessionStatus.QUEUED
+            ahead = (
+                await db.exec(
+                    select(func.count())
+                    .select_from(Session)
+                    .where(col(Session.queue_position).is_not(None))
+                )
+            ).one()
         sid = str(uuid.uuid4())
         cfg = new.config
         if new.workspace_type is WorkspaceType.INHERIT and parent is not None:
@@ -116,6 +174,8 @@ class Creation(Provisioning, TurnOps):
             volume = workspace_volume_name(new.owner, new.workspace_type, new.workspace_id, sid)
         session = Session(
             id=sid,
+            status=status,
+            queue_position=ahead + 1 if status is SessionStatus.QUEUED else None,
             owner=new.owner,
             workspace_type=new.workspace_type,
             workspace_id=new.workspace_id,
@@ -151,27 +211,65 @@ class Creation(Provisioning, TurnOps):
         lifetime = _lifetime(cfg.max_lifetime_s, self.settings.session_max_lifetime_s)
         if lifetime:
             session.expires_at = utcnow() + timedelta(seconds=lifetime)
-        spec = session_spec(self.settings, session)
         db.add(session)
         await db.commit()
-        started = time.monotonic()
-        try:
-            await self._make_volumes(session, parent)
-            await self._start_container(db, session, spec, proxy_key, name=f"ccgate-{sid}")
-            self.metrics.container_start_seconds.observe(time.monotonic() - started)
-            self.ledger.track(sid)
-            if new.prompt is not None:
-                await self.chat(db=db, session=session, prompt=new.prompt, timeout_s=None)
-        except BaseException:
-            await self._undo_create(db, session)
-            raise
-        if parent is not None:
-            await self._notify(
-                parent.id,
-                EventType.CHILD_SPAWNED,
-                {"child_session_id": sid, "depth": session.depth, "prompt": new.prompt},
+        return session, proxy_key
+
+    async def start_queued(self, sid: str) -> bool:
+        """Start a queued session if there is room: queued -> starting, then its volumes and
+        container (its queued prompts pushed in order). True when it started; False when it
+        is no longer queued. Raises AdmissionRefused while there is no room, and
+        DependencyUnavailable (it is then queued again)."""
+        async with self.admission_guard, self.db_factory() as db:
+            await admission.lock(db)
+            session = await db.get(Session, sid)
+            if session is None or session.status is not SessionStatus.QUEUED:
+                return False
+            await admission.check_capacity(db, session.owner, self.settings.admission_limits())
+            proxy_key, key_hash = new_proxy_key()
+            flipped = (
+                await db.exec(
+                    update(Session)
+                    .where(col(Session.id) == sid)
+                    .where(col(Session.status) == SessionStatus.QUEUED)
+                    .values(
+                        status=SessionStatus.STARTING,
+                        queue_position=None,
+                        proxy_key_hash=key_hash,
+                        last_activity=utcnow(),
+                    )
+                )
+            ).rowcount == 1
+            await db.commit()
+        if not flipped:
+            return False
+        async with self.db_factory() as db:
+            session = await db.get(Session, sid)
+            if session is None:
+                return False
+            parent = (
+                await db.get(Session, session.parent_session_id)
+                if session.parent_session_id
+                else None
             )
-        return session
+            try:
+                await self._make_volumes(session, parent)
+                await self.requeue_prompts(sid)
+                spec = session_spec(self.settings, session)
+                await self._start_container(db, session, spec, proxy_key, name=f"ccgate-{sid}")
+                self.ledger.track(sid)
+            except BaseException:
+                await db.rollback()
+                await db.exec(
+                    update(Session)
+                    .where(col(Session.id) == sid)
+                    .where(col(Session.status) == SessionStatus.STARTING)
+                    .values(status=SessionStatus.QUEUED, container_id=None)
+                )
+                await db.commit()
+                raise
+        logger.info("queued session %s admitted", sid)
+        return True
 
 
 def _lifetime(asked: int | None, limit: int) -> int:

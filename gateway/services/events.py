@@ -247,7 +247,7 @@ def notice_of(raw: bytes, session_id: str) -> bytes | None:
     return None
 
 
-NOTICE_TYPES = frozenset({"turn_recorded", "turn_silent"})
+NOTICE_TYPES = frozenset({"turn_recorded", "turn_silent", "queue_position"})
 
 
 async def read_stream(

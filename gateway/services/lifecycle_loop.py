@@ -3,9 +3,13 @@
 Every ``lifecycle_interval_s`` (or at once when woken: a container death paused a session),
 the replica holding the ``lifecycle:<deployment>`` lease (lease.py) runs one :meth:`tick`:
 
-1. **resume** paused sessions with prompts waiting (a container died under queued prompts, or
-   a chat arrived while the pause finished) — and, with ``crash_restart=always``, every session
-   a death paused, within ``max_crash_resumes``;
+1. **admit** waiting sessions in a fair order (admission.py: round-robin over users, oldest
+   first): queued ones are started; paused ones with prompts waiting (a container died under
+   queued prompts, a chat arrived while the pause finished, or one asked to queue) — and, with
+   ``crash_restart=always``, every session a death paused, within ``max_crash_resumes`` — are
+   resumed. A per-user limit skips that user; a deployment limit ends the pass. Those still
+   waiting get their ``queue_position`` (on the row, and a ``queue_position`` notice when it
+   changes);
 2. **finish pauses** whose replica died half-way (paused, container still recorded);
 3. **pause idle sessions** whose ``idle_timeout_s`` (or the deployment's default) has passed
    since their last activity — never one with a turn queued or running (pause.py);
@@ -29,18 +33,19 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from redis.exceptions import RedisError
-from sqlalchemy import update
+from sqlalchemy import and_, func, or_, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
 from gateway.config import Settings
 from gateway.db.errors import is_outage
 from gateway.db.models import Session, SessionStatus, Turn, TurnStatus, as_utc, utcnow
-from gateway.errors import DependencyUnavailable, GatewayError
+from gateway.errors import AdmissionRefused, DependencyUnavailable, GatewayError
 from gateway.services import session_redis
+from gateway.services.admission import fair_order
 from gateway.services.lease import Lease
 from gateway.services.pause import OPEN_TURNS
 from gateway.services.sessions import SessionService
@@ -89,7 +94,7 @@ class LifecycleLoop:
     async def tick(self) -> dict[str, int]:
         """One pass over every rule; returns how many sessions each touched."""
         return {
-            "resumed": await self._bounded(self._resume_waiting, await self._waiting()),
+            "admitted": await self._admit_waiting(),
             "pauses_finished": await self._bounded(
                 self._service.finish_pause, await self._half_paused()
             ),
@@ -117,34 +122,101 @@ class LifecycleLoop:
 
     # ------------------------------------------------------------------------- queries
 
-    async def _waiting(self) -> list[str]:
+    async def _waiting(self) -> list[tuple[str, str, bool]]:
+        """Sessions waiting for a container, in admission order: (id, owner, is queued)."""
+        always = self._settings.crash_restart == "always"
         async with self._service.db_factory() as db:
             rows = await db.exec(
-                select(Session.id, Session.paused_reason, Session.crashes).where(
-                    col(Session.status) == SessionStatus.PAUSED,
-                    col(Session.container_id).is_(None),
+                select(Session).where(
+                    or_(
+                        col(Session.status) == SessionStatus.QUEUED,
+                        and_(
+                            col(Session.status) == SessionStatus.PAUSED,
+                            col(Session.container_id).is_(None),
+                        ),
+                    )
                 )
             )
-            paused = list(rows.all())
-            if not paused:
-                return []
-            queued = set(
-                (
-                    await db.exec(
-                        select(Turn.session_id).where(
-                            col(Turn.session_id).in_([p[0] for p in paused]),
-                            col(Turn.status).in_(OPEN_TURNS),
-                        )
-                    )
-                ).all()
+            candidates = list(rows.all())
+            paused = [c.id for c in candidates if c.status is SessionStatus.PAUSED]
+            prompted: dict[str, datetime] = {}
+            if paused:
+                first = await db.exec(
+                    select(Turn.session_id, func.min(Turn.created_at))
+                    .where(col(Turn.session_id).in_(paused), col(Turn.status).in_(OPEN_TURNS))
+                    .group_by(col(Turn.session_id))
+                )
+                prompted = dict(first.all())
+        waiting: list[tuple[datetime, str, tuple[str, str, bool]]] = []
+        for c in candidates:
+            since: datetime | None = None
+            if c.status is SessionStatus.QUEUED:
+                since = c.created_at
+            elif c.id in prompted:
+                since = prompted[c.id]
+            elif (
+                always
+                and c.paused_reason in _CRASH_CAUSES
+                and c.crashes <= self._settings.max_crash_resumes
+            ):
+                since = c.last_activity
+            if since is not None:
+                item = (c.id, c.owner, c.status is SessionStatus.QUEUED)
+                waiting.append((as_utc(since) or utcnow(), c.owner, item))
+        waiting.sort(key=lambda w: w[0])
+        return fair_order([(owner, item) for _, owner, item in waiting])
+
+    async def _admit_waiting(self) -> int:
+        """Start or resume waiting sessions while there is room; number the rest."""
+        admitted = 0
+        still: list[str] = []
+        blocked: set[str] = set()  # owners at their own limit
+        full = False
+        for sid, owner, queued in await self._waiting():
+            if full or owner in blocked:
+                still.append(sid)
+                continue
+            try:
+                if queued:
+                    done = await self._service.start_queued(sid)
+                else:
+                    done = await self._service.resume_by_id(sid) is not None
+                admitted += int(done)
+            except AdmissionRefused as exc:
+                still.append(sid)
+                if exc.limit.endswith("_per_user"):
+                    blocked.add(owner)
+                else:
+                    full = True  # the deployment is full: nobody else gets in this pass
+            except GatewayError as exc:
+                logger.warning("lifecycle: could not start %s: %s", sid, exc)
+                still.append(sid)
+        await self._number(still)
+        return admitted
+
+    async def _number(self, waiting: list[str]) -> None:
+        """Record each waiting session's 1-based place; tell its clients when it changed."""
+        async with self._service.db_factory() as db:
+            rows = await db.exec(
+                select(Session.id, Session.queue_position).where(
+                    or_(col(Session.id).in_(waiting), col(Session.queue_position).is_not(None))
+                )
             )
-        always = self._settings.crash_restart == "always"
-        return [
-            sid
-            for sid, reason, crashes in paused
-            if sid in queued
-            or (always and reason in _CRASH_CAUSES and crashes <= self._settings.max_crash_resumes)
-        ]
+            known = dict(rows.all())
+            changed: list[tuple[str, int]] = []
+            for sid, old in known.items():
+                position = waiting.index(sid) + 1 if sid in waiting else None
+                if position != old:
+                    await db.exec(
+                        update(Session)
+                        .where(col(Session.id) == sid)
+                        .values(queue_position=position)
+                    )
+                    if position is not None:
+                        changed.append((sid, position))
+            await db.commit()
+        for sid, position in changed:
+            await session_redis.announce_queue_position(self._service.redis, sid, position)
 
     async def _half_paused(self) -> list[str]:
         s = self._settings
@@ -198,9 +270,6 @@ class LifecycleLoop:
             return sorted(set(rows.all()))
 
     # ------------------------------------------------------------------------- actions
-
-    async def _resume_waiting(self, sid: str) -> bool:
-        return await self._service.resume_by_id(sid) is not None
 
     async def _pause_if_idle(self, sid: str) -> bool:
         async with self._service.db_factory() as db:

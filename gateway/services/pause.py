@@ -30,14 +30,13 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.db.models import Session, SessionStatus, Turn, TurnStatus, utcnow
-from gateway.errors import Conflict, GatewayError, NotFound
-from gateway.services import session_redis, tree
+from gateway.errors import AdmissionRefused, Conflict, GatewayError, NotFound
+from gateway.services import admission, session_redis, tree
 from gateway.services.metering.credentials import new_proxy_key
 from gateway.services.provision import session_spec
 from gateway.services.session_base import logger
 from gateway.services.shutdown import Shutdown
 from gateway.services.turns import TurnOps
-from wrapper.protocol import TurnRequest
 
 OPEN_TURNS = (TurnStatus.QUEUED, TurnStatus.RUNNING)
 
@@ -145,27 +144,44 @@ class PauseResume(Shutdown, TurnOps):
 
         Returns the session (``starting``; ``ready`` follows). A session already live is
         returned as is; one whose pause is still finishing is resumed by that pause. Raises
+        AdmissionRefused (429) when there is no room for its container (it stays paused),
         Conflict when it has ended, DependencyUnavailable (503) when a dependency fails — the
         session is then paused again with nothing left running."""
         sid = session.id
         now = utcnow()
         proxy_key, key_hash = new_proxy_key()
-        await tree.lock_tree(db, session.root_id)
-        flipped = (
-            await db.exec(
-                update(Session)
-                .where(col(Session.id) == sid)
-                .where(col(Session.status) == SessionStatus.PAUSED)
-                .where(col(Session.container_id).is_(None))
-                .values(
-                    status=SessionStatus.STARTING,
-                    resumed_at=now,
-                    last_activity=now,
-                    proxy_key_hash=key_hash,
+        async with self.admission_guard:
+            await admission.lock(db)
+            await tree.lock_tree(db, session.root_id)
+            waiting = await db.get(Session, sid, populate_existing=True)
+            if (
+                waiting is not None
+                and waiting.status is SessionStatus.PAUSED
+                and waiting.container_id is None
+            ):
+                try:
+                    await admission.check_capacity(
+                        db, waiting.owner, self.settings.admission_limits()
+                    )
+                except AdmissionRefused:
+                    await db.rollback()
+                    raise
+            flipped = (
+                await db.exec(
+                    update(Session)
+                    .where(col(Session.id) == sid)
+                    .where(col(Session.status) == SessionStatus.PAUSED)
+                    .where(col(Session.container_id).is_(None))
+                    .values(
+                        status=SessionStatus.STARTING,
+                        resumed_at=now,
+                        last_activity=now,
+                        proxy_key_hash=key_hash,
+                        queue_position=None,
+                    )
                 )
-            )
-        ).rowcount == 1
-        await db.commit()
+            ).rowcount == 1
+            await db.commit()
         current = await db.get(Session, sid, populate_existing=True)
         if current is None:
             raise NotFound(f"session {sid} not found")
@@ -175,12 +191,7 @@ class PauseResume(Shutdown, TurnOps):
             raise Conflict(f"session {sid} is {current.status.value}; create a new session")
         started = time.monotonic()
         try:
-            turns = await self.open_turns(sid)
-            await session_redis.requeue_turns(
-                self.redis,
-                sid,
-                [TurnRequest(t.id, t.prompt, t.timeout_s) for t in turns],
-            )
+            await self.requeue_prompts(sid)
             spec = session_spec(self.settings, current, resumed_at=now.timestamp())
             name = f"ccgate-{sid}-{secrets.token_hex(3)}"
             await self._start_container(db, current, spec, proxy_key, name=name)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -52,6 +54,11 @@ class ServiceBase:
     """The sessions network and firewall (made from settings and runtime when not given)."""
     egress: EgressProxies | None = None
     """The forward proxies of allowlist sessions (made when not given)."""
+    admission_guard: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Serialises this process's admission checks with their commits (the database lock does
+    it across replicas on PostgreSQL; SQLite deployments are one process)."""
+    wake_lifecycle: Callable[[str], None] = field(default=lambda sid: None)
+    """Tell the lifecycle loop a session waits for admission (set at start-up)."""
 
     def __post_init__(self) -> None:
         if self.network is None:

@@ -266,6 +266,14 @@ async def announce_turn_silent(
         await client.publish(live_channel(session_id), json.dumps(notice, separators=(",", ":")))
 
 
+async def announce_queue_position(client: aioredis.Redis, session_id: str, position: int) -> None:
+    """Publish ``{"type":"queue_position","session_id","position"}``: the session waits for
+    admission at that 1-based place."""
+    notice = {"type": "queue_position", "session_id": session_id, "position": position}
+    with redis_errors():
+        await client.publish(live_channel(session_id), json.dumps(notice, separators=(",", ":")))
+
+
 async def push_control(client: aioredis.Redis, session_id: str, message: ControlMessage) -> None:
     """Send a control message (interrupt) to the wrapper."""
     with redis_errors():

@@ -40,9 +40,10 @@ __all__ = [
 ]
 
 LIVE = [SessionStatus.STARTING, SessionStatus.IDLE, SessionStatus.RUNNING]
-OPEN = [*LIVE, SessionStatus.PAUSED]
-"""Not ended: live or paused. A paused session still counts in its tree's ``live_sessions`` and
-its parent's ``live_children`` (it resumes without asking for room again)."""
+OPEN = [*LIVE, SessionStatus.PAUSED, SessionStatus.QUEUED]
+"""Not ended: live, paused or queued. A paused or queued session counts in its tree's
+``live_sessions`` and its parent's ``live_children`` (the tree's room is taken at create; the
+deployment's room for its container is admission.py's)."""
 
 
 @dataclass(frozen=True)

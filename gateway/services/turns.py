@@ -22,12 +22,13 @@ from gateway.db.models import (
     utcnow,
 )
 from gateway.errors import (
+    AdmissionRefused,
     Conflict,
     GatewayError,
     NotFound,
     TurnTimeout,
 )
-from gateway.services import session_redis, tree
+from gateway.services import admission, session_redis, tree
 from gateway.services.session_base import ServiceBase
 from wrapper.protocol import ControlMessage, ControlType, TurnRequest
 
@@ -36,16 +37,26 @@ class TurnOps(ServiceBase):
     """Prompts, their results, waiting for them, interrupts."""
 
     async def chat(
-        self, *, db: AsyncSession, session: Session, prompt: str, timeout_s: float | None
+        self,
+        *,
+        db: AsyncSession,
+        session: Session,
+        prompt: str,
+        timeout_s: float | None,
+        queue: bool = False,
     ) -> Turn:
         """Queue a prompt (also while starting or running: turns run in arrival order); on a
         paused session, resume it (a new container continues the conversation).
 
         The turn is inserted only if the session is still open, in one statement under the
         tree's lock, so a concurrent stop either sees it (and cancels it) or refuses it
-        (Conflict): no turn is left queued forever. A paused session's prompt is not pushed
-        to Redis here: the resume re-pushes every queued turn from the database, in order.
+        (Conflict): no turn is left queued forever. A paused or queued session's prompt is
+        not pushed to Redis here: its start re-pushes every queued turn from the database, in
+        order. A paused session that has no room to resume (AdmissionRefused, 429) keeps the
+        prompt only with ``queue`` (it resumes when room frees); a user over
+        ``max_active_turns_per_user`` is refused the same way.
         """
+        await admission.check_turns(db, session.owner, self.settings.admission_limits())
         turn = Turn(id=str(uuid.uuid4()), session_id=session.id, prompt=prompt)
         await tree.lock_tree(db, session.root_id)
         now = utcnow()
@@ -80,8 +91,15 @@ class TurnOps(ServiceBase):
         await db.commit()
         turn.created_at = now
         try:
-            if SessionStatus(status) is SessionStatus.PAUSED:
-                await self._resume_paused(session.id)
+            if SessionStatus(status) is SessionStatus.QUEUED:
+                self.wake_lifecycle(session.id)
+            elif SessionStatus(status) is SessionStatus.PAUSED:
+                try:
+                    await self._resume_paused(session.id)
+                except AdmissionRefused:
+                    if not queue:
+                        raise
+                    self.wake_lifecycle(session.id)
             else:
                 await session_redis.push_turn(
                     self.redis,
@@ -94,6 +112,20 @@ class TurnOps(ServiceBase):
                 await db.commit()
             raise
         return turn
+
+    async def requeue_prompts(self, sid: str) -> None:
+        """Rebuild the session's input list from its queued turns, oldest first, each with
+        its own deadline (a new container takes them from there)."""
+        async with self.db_factory() as db:
+            rows = await db.exec(
+                select(Turn)
+                .where(col(Turn.session_id) == sid, col(Turn.status) == TurnStatus.QUEUED)
+                .order_by(col(Turn.created_at))
+            )
+            turns = list(rows.all())
+        await session_redis.requeue_turns(
+            self.redis, sid, [TurnRequest(t.id, t.prompt, t.timeout_s) for t in turns]
+        )
 
     async def _resume_paused(self, sid: str) -> None:
         """Resume a paused session whose prompt was just queued (pause.py overrides this)."""

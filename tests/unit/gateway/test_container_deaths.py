@@ -85,3 +85,20 @@ def test_a_sessions_lifetime_never_passes_the_deployments() -> None:
     assert _lifetime(10**6, 86_400) == 86_400
     assert _lifetime(60, 0) == 60  # the deployment sets no limit
     assert _lifetime(None, 0) == 0
+
+
+def test_the_admission_queue_is_fair_across_users() -> None:
+    from gateway.services.admission import fair_order
+
+    waiting = [("alice", "a1"), ("alice", "a2"), ("alice", "a3"), ("bob", "b1"), ("carol", "c1")]
+    assert fair_order(waiting) == ["a1", "b1", "c1", "a2", "a3"]
+    assert fair_order([]) == []
+
+
+def test_available_memory_is_read_from_meminfo(tmp_path: Any) -> None:
+    from gateway.services.admission import available_memory_mib
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 25165824 kB\nMemAvailable: 2097152 kB\n")
+    assert available_memory_mib(str(meminfo)) == 2048
+    assert available_memory_mib(str(tmp_path / "missing")) is None

@@ -1,0 +1,122 @@
+"""Admission control: per-user limits answered with 429 + Retry-After, or a fair queue that
+admits when room frees; other users unaffected (real Docker, the real CLI, scripted model)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+
+from scripted_model import ScriptedModelServer
+from tests.conftest import Api, full_stack_settings
+from tests.containers import PostgresContainer, RedisContainer, S3Container
+from tests.e2e.helpers import final_message
+from tests.servers import GatewayServer
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def limited_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: RedisContainer,
+    postgres_server: PostgresContainer,
+    s3_server: S3Container,
+    scripted_model: ScriptedModelServer,
+    docker_client: docker.DockerClient,
+) -> Iterator[GatewayServer]:
+    """Two live sessions per user; its own SQLite database, so its own deployment (and its
+    own lifecycle lease: replicas of one deployment share their settings)."""
+    settings = full_stack_settings(
+        Path(tmp_path_factory.mktemp("gw-admission")),
+        redis_server,
+        postgres_server,
+        s3_server,
+        scripted_model,
+        database_url=None,
+        max_live_sessions_per_user=2,
+        lifecycle_interval_s=0.5,
+    )
+    gateway = GatewayServer(settings).start()
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture
+async def users(limited_gateway: GatewayServer) -> AsyncIterator[list[Api]]:
+    made = [Api(limited_gateway, f"test-{uuid.uuid4().hex[:8]}") for _ in range(2)]
+    yield made
+    for api in made:
+        listing = (await api.http.get("/api/v1/sessions", params={"limit": 500})).json()
+        for session in listing["sessions"]:
+            await api.http.delete(f"/api/v1/sessions/{session['session_id']}")
+        await api.http.aclose()
+
+
+async def _create(api: Api, **params: Any) -> Any:
+    return await api.http.post("/api/v1/sessions", json={}, params=params)
+
+
+async def _until(api: Api, sid: str, status: str, timeout_s: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body: dict[str, Any] = (await api.http.get(f"/api/v1/sessions/{sid}")).json()
+        if body["status"] == status:
+            return body
+        assert time.monotonic() < deadline, f"{sid} is {body['status']}, not {status}"
+        await asyncio.sleep(0.2)
+
+
+async def test_over_the_per_user_limit_a_create_is_refused_or_queued_fairly(
+    users: list[Api],
+) -> None:
+    alice, bob = users
+    first = (await _create(alice)).json()["session_id"]
+    second = (await _create(alice)).json()["session_id"]
+    refused = await _create(alice)
+    assert refused.status_code == 429, refused.text
+    assert refused.headers["Retry-After"] == "5"
+    body = refused.json()
+    assert body["code"] == "admission_refused"
+    assert "CCGATE_MAX_LIVE_SESSIONS_PER_USER=2" in body["detail"]
+    # Another user is not affected.
+    assert (await _create(bob)).status_code == 201
+    # Asking to queue: the session waits with its place, and its prompt waits with it.
+    queued = await _create(alice, queue="true")
+    assert queued.status_code == 201, queued.text
+    waiting = queued.json()
+    assert waiting["status"] == "queued" and waiting["queue_position"] == 1
+    sid = waiting["session_id"]
+    chat = await alice.http.post(f"/api/v1/sessions/{sid}/chat", json={"prompt": "queued hello"})
+    assert chat.status_code == 202, chat.text
+    await asyncio.sleep(1.5)  # several lifecycle passes: still no room
+    assert (await alice.http.get(f"/api/v1/sessions/{sid}")).json()["status"] == "queued"
+    # Room frees (a session paused): the queued one starts and answers its prompt.
+    await _until(alice, first, "idle")
+    assert (await alice.http.post(f"/api/v1/sessions/{first}/pause")).status_code == 200
+    done = await final_message(alice.http, sid, chat.json()["message_id"], timeout_s=90)
+    assert done["status"] == "completed" and done["result"] == "Echo: queued hello"
+    started = (await alice.http.get(f"/api/v1/sessions/{sid}")).json()
+    assert started["queue_position"] is None and started["container_id"]
+    # The paused one cannot resume now (alice has two live again): 429, or queue its prompt.
+    again = await alice.http.post(f"/api/v1/sessions/{first}/chat", json={"prompt": "x"})
+    assert again.status_code == 429 and "PER_USER=2" in again.json()["detail"]
+    kept = await alice.http.post(
+        f"/api/v1/sessions/{first}/chat", params={"queue": "true"}, json={"prompt": "later"}
+    )
+    assert kept.status_code == 202, kept.text
+    paused = await _until(alice, first, "paused")
+    deadline = time.monotonic() + 10
+    while paused["queue_position"] != 1:
+        assert time.monotonic() < deadline, paused
+        await asyncio.sleep(0.2)
+        paused = (await alice.http.get(f"/api/v1/sessions/{first}")).json()
+    assert (await alice.http.post(f"/api/v1/sessions/{second}/stop")).status_code == 200
+    resumed = await final_message(alice.http, first, kept.json()["message_id"], timeout_s=90)
+    assert resumed["status"] == "completed" and resumed["result"] == "Echo: later"
