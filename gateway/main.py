@@ -8,6 +8,7 @@ under the Supervisor, which /health/ready consults.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -163,6 +164,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             session_acl=settings.session_redis_acl,
             interval_s=settings.reaper_interval_s,
             grace_s=max(settings.reaper_grace_s, settings.stop_timeout_s + 5),
+            lease=Lease(
+                redis,
+                f"reaper:{settings.deployment_id}",
+                ttl_s=max(30.0, settings.reaper_interval_s * 3),
+            ),
         )
         supervisor.start("reaper", reaper.run)
         app.state.rate_limiter = UserRateLimiter(settings.redis_url, settings.rate_limit, metrics_)
@@ -203,6 +209,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 ttl_s=max(10.0, settings.lifecycle_interval_s * 5),
             ),
         )
+        app.state.lifecycle = lifecycle
+        app.state.loop = asyncio.get_running_loop()
         ledger.on_paused(lifecycle.wake)
         app.state.sessions.wake_lifecycle = lifecycle.wake
         supervisor.start("lifecycle", lifecycle.run)

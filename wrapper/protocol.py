@@ -292,7 +292,7 @@ class ControlMessage:
         kind = ControlType(obj["type"])
         if kind is ControlType.NOTIFY:
             event = str(obj.get("event"))
-            if event not in CHILD_EVENTS:
+            if event not in GATEWAY_NOTICES:
                 raise ValueError(f"unknown notification {event!r}")
             data = obj.get("data")
             return cls(type=kind, event=event, data=data if isinstance(data, dict) else {})

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from sqlalchemy import func, text
+from sqlalchemy import func
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -67,7 +67,7 @@ def available_memory_mib(path: str = _MEMINFO) -> int | None:
 async def lock(db: AsyncSession) -> None:
     """Take the deployment's admission lock for the rest of the transaction."""
     if db.get_bind().dialect.name == "postgresql":
-        await db.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+        await db.exec(select(func.pg_advisory_xact_lock(_LOCK_KEY)))
 
 
 async def check_capacity(db: AsyncSession, owner: str, limits: Limits) -> None:

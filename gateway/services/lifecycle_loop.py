@@ -28,6 +28,7 @@ updates as the API, so a replica that has just lost the lease cannot double anyt
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -36,7 +37,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from redis.exceptions import RedisError
-from sqlalchemy import and_, func, or_, update
+from sqlalchemy import and_, exists, false, func, or_, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
@@ -74,7 +75,15 @@ class LifecycleLoop:
         self._woken.set()
 
     async def run(self) -> None:
-        """Tick forever (run it under the Supervisor). Outages skip a tick; bugs propagate."""
+        """Tick forever (run it under the Supervisor). Outages skip a tick; bugs propagate.
+        The lease is given up when the loop ends, so another replica takes over at once."""
+        try:
+            await self._loop()
+        finally:
+            with contextlib.suppress(Exception):
+                await self._lease.release()
+
+    async def _loop(self) -> None:
         while True:
             try:
                 await asyncio.wait_for(self._woken.wait(), self._settings.lifecycle_interval_s)
@@ -125,7 +134,13 @@ class LifecycleLoop:
     async def _waiting(self) -> list[tuple[str, str, bool]]:
         """Sessions waiting for a container, in admission order: (id, owner, is queued)."""
         always = self._settings.crash_restart == "always"
+        prompt_waits = exists().where(
+            col(Turn.session_id) == col(Session.id), col(Turn.status).in_(OPEN_TURNS)
+        )
+        crashed = col(Session.paused_reason).in_(_CRASH_CAUSES) if always else false()
         async with self._service.db_factory() as db:
+            # Only the paused sessions something waits for: thousands of idle-paused ones
+            # cost nothing here.
             rows = await db.exec(
                 select(Session).where(
                     or_(
@@ -133,6 +148,7 @@ class LifecycleLoop:
                         and_(
                             col(Session.status) == SessionStatus.PAUSED,
                             col(Session.container_id).is_(None),
+                            or_(prompt_waits, crashed),
                         ),
                     )
                 )

@@ -1,6 +1,7 @@
 """The reaper: reconciles Docker with the database so nothing is orphaned or left "running".
 
-Every ``interval_s`` each gateway process:
+At start-up and then every ``interval_s``, the replica holding the ``reaper:<deployment>``
+lease (lease.py; a replica that dies loses it within its TTL):
 - removes ccgate containers whose session no longer exists or is stopped/failed,
 - removes per-session volumes whose session no longer exists (persistent workspaces are kept),
 - removes containers of an open session other than its current one (a resumed session's
@@ -21,6 +22,7 @@ Every ``interval_s`` each gateway process:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
 from datetime import timedelta
@@ -39,6 +41,7 @@ from gateway.db.models import Session, SessionStatus, Turn, TurnStatus, as_utc, 
 from gateway.errors import DependencyUnavailable
 from gateway.services import session_redis
 from gateway.services.container_deaths import DeathWatch
+from gateway.services.lease import Lease
 from gateway.services.runtime import ContainerInfo, ContainerRuntime, ContainerState
 from gateway.services.runtime.base import LABEL_HELPER, LABEL_SESSION
 from gateway.services.tree import LIVE, OPEN, cancel_open_turns, end_session, lock_tree
@@ -62,8 +65,10 @@ class Reaper:
         grace_s: float,
         deaths: DeathWatch,
         creation_timeout_s: float = 600.0,
+        lease: Lease | None = None,
     ) -> None:
         self._runtime = runtime
+        self._lease = lease
         self._deaths = deaths
         self._redis = redis
         self._jwt_key = jwt_key
@@ -75,12 +80,26 @@ class Reaper:
         self._creation_timeout = timedelta(seconds=creation_timeout_s)
 
     async def run(self) -> None:
-        """Sweep every ``interval_s`` forever (run it under the Supervisor). An unavailable
-        dependency skips a sweep; any other failure propagates to the supervisor."""
+        """Sweep at once (reconciliation at start-up: what a crashed gateway left behind),
+        then every ``interval_s`` forever (run it under the Supervisor), on the replica that
+        holds the lease when one is given. An unavailable dependency skips a sweep; any other
+        failure propagates to the supervisor."""
+        try:
+            await self._loop()
+        finally:
+            if self._lease is not None:
+                with contextlib.suppress(Exception):
+                    await self._lease.release()  # the next replica takes over at once
+
+    async def _loop(self) -> None:
+        first = True
         while True:
-            await asyncio.sleep(self._interval_s)
+            if not first:
+                await asyncio.sleep(self._interval_s)
+            first = False
             try:
-                await self.sweep()
+                if self._lease is None or await self._lease.acquire():
+                    await self.sweep()
             except (DependencyUnavailable, RedisError, OSError) as exc:
                 logger.warning("reaper: sweep skipped: %s", exc)
             except SQLAlchemyError as exc:

@@ -4,6 +4,7 @@ admits when room frees; other users unaffected (real Docker, the real CLI, scrip
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -12,6 +13,7 @@ from typing import Any
 
 import docker
 import pytest
+from websockets.asyncio.client import connect
 
 from scripted_model import ScriptedModelServer
 from tests.conftest import Api, full_stack_settings
@@ -42,6 +44,7 @@ def limited_gateway(
         database_url=None,
         max_live_sessions_per_user=2,
         lifecycle_interval_s=0.5,
+        turn_silence_s=2,
     )
     gateway = GatewayServer(settings).start()
     yield gateway
@@ -120,3 +123,25 @@ async def test_over_the_per_user_limit_a_create_is_refused_or_queued_fairly(
     assert (await alice.http.post(f"/api/v1/sessions/{second}/stop")).status_code == 200
     resumed = await final_message(alice.http, first, kept.json()["message_id"], timeout_s=90)
     assert resumed["status"] == "completed" and resumed["result"] == "Echo: later"
+
+
+async def test_a_silent_turn_is_flagged_once(users: list[Api]) -> None:
+    """The no-output watchdog (CCGATE_TURN_SILENCE_S, 2 s here): a turn whose stream stays
+    quiet gets one ``turn_silent`` notice."""
+    alice, _ = users
+    sid = (await _create(alice)).json()["session_id"]
+    await _until(alice, sid, "idle")
+    async with connect(alice.stream_url(sid), max_size=None) as ws:
+        r = await alice.http.post(f"/api/v1/sessions/{sid}/chat", json={"prompt": "slow 8"})
+        message_id = r.json()["message_id"]
+        notices: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 30
+        while True:
+            message = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            if message.get("type") == "turn_silent":
+                notices.append(message)
+            if message.get("type") == "turn_completed":
+                break
+            assert time.monotonic() < deadline
+    assert len(notices) == 1, notices
+    assert notices[0]["message_id"] == message_id and notices[0]["silent_s"] >= 2

@@ -127,6 +127,10 @@ async def test_a_gateway_killed_mid_turn_is_replaced_and_nothing_is_lost(
             session = (await http.get(f"/api/v1/sessions/{sid}")).json()
             assert session["status"] == "idle" and session["total_turns"] == 1
             await http.delete(f"/api/v1/sessions/{sid}")
+        left = docker_client.containers.list(
+            all=True, filters={"label": f"ccgate.session_id={sid}"}
+        )
+        assert left == [], "a container of the deleted session is still there"
     finally:
         gateway.kill()
         if replacement is not None:

@@ -59,7 +59,8 @@ async def test_a_container_killed_mid_turn_ends_the_turn_at_once_and_the_next_ch
     make_api: Any, docker_client: docker.DockerClient
 ) -> None:
     api: Api = make_api()
-    sid = (await api.http.post("/api/v1/sessions", json={})).json()["session_id"]
+    streaming = {"config": {"include_partial_messages": True}}
+    sid = (await api.http.post("/api/v1/sessions", json=streaming)).json()["session_id"]
     assert (await _run(api, sid, "remember the blue door"))["status"] == "completed"
     old = (await _session(api, sid))["container_id"]
     async with connect(api.stream_url(sid), max_size=None) as ws:
@@ -67,7 +68,7 @@ async def test_a_container_killed_mid_turn_ends_the_turn_at_once_and_the_next_ch
         r = await api.http.post(f"/api/v1/sessions/{sid}/chat", json={"prompt": "slow 60"})
         message_id = r.json()["message_id"]
         seen += await collect_until(
-            ws, lambda e: e["type"] == "stream_event" or e["type"] == "assistant"
+            ws, lambda e: e["type"] == "stream_event" and e["turn_id"] == message_id
         )
         killed_at = time.monotonic()
         await asyncio.to_thread(docker_client.containers.get(old).kill)
@@ -76,7 +77,7 @@ async def test_a_container_killed_mid_turn_ends_the_turn_at_once_and_the_next_ch
         final = seen[-1]
         seen += await _events_until(ws, "exited", timeout_s=10)
         assert noticed_s < 2.0, f"the final event came {noticed_s:.2f}s after the kill"
-        assert final["source"] == "gateway" and final["data"]["outcome"] == "killed"
+        assert final["source"] == "gateway" and final["data"]["outcome"] == "killed", final
         assert final["data"]["subtype"] == "error_killed" and final["data"]["is_error"] is True
         assert seen[-1]["data"] == {
             "reason": "crashed",

@@ -324,6 +324,8 @@ class DockerRuntime(ContainerRuntime):
             lambda: self._docker().containers.list(
                 all=True,
                 filters={"label": [LABEL_MANAGED, f"{LABEL_DEPLOYMENT}={self._deployment}"]},
+                # A container removed between the listing and its inspection is not an error.
+                ignore_removed=True,
             )
         )
         return [_info(c) for c in containers]
