@@ -223,10 +223,11 @@ async def run(gateway: GatewayServer, args: argparse.Namespace) -> None:
     print(row("resume: chat on a paused session -> 1st event", lat["resume"], lat["cold"]))
     mean = sum(sizes) / len(sizes)
     reserve = 1024
-    print(f"\n{len(sizes)} idle sessions: {mean:.0f} MiB each (min {min(sizes):.0f}, "
-          f"max {max(sizes):.0f}); host MemAvailable {available} MiB with them deleted "
-          f"-> about {int((available - reserve) / mean)} idle sessions fit above a "
-          f"{reserve} MiB reserve")  # fmt: skip
+    fit = len(sizes) + int((available - reserve) / mean)
+    print(f"\n{len(sizes)} idle sessions live at once: {mean:.0f} MiB each (min "
+          f"{min(sizes):.0f}, max {max(sizes):.0f}); host MemAvailable {available} MiB with "
+          f"all of them running -> about {fit} idle sessions fit above a {reserve} MiB "
+          f"reserve")  # fmt: skip
     print(f"paused session footprint: {footprint['disk_kib']:.0f} KiB on disk (two volumes), "
           f"{footprint['redis_bytes'] / 1024:.1f} KiB in Redis, no process, no memory")  # fmt: skip
     print(f"{args.paused} paused sessions: lifecycle pass {scale['tick_ms']:.0f} ms, "
