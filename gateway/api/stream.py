@@ -8,7 +8,7 @@ with no gap and no duplicate.
 Server -> client: event envelopes ``{seq, session_id, turn_id, ts, type, source, data}``;
 replies without ``seq``: ``{"type":"ack","message_id"}``, ``{"type":"pong"}``,
 ``{"type":"error","detail"}``, ``{"type":"gap","from_seq","to_seq"}``.
-Client -> server: ``{"type":"prompt","prompt":...,"timeout_seconds"?}``,
+Client -> server: ``{"type":"prompt","prompt":...,"timeout_seconds"?,"queue"?}``,
 ``{"type":"interrupt"}``, ``{"type":"ping"}``.
 Close codes: 4401 bad or missing token, 4404 unknown session, 4429 client too slow (resume with
 after_seq), 1013 the user's rate limit is spent (try again later), 1009 a message over
@@ -183,10 +183,14 @@ async def _handle_client_message(
             )
             if kind == "prompt":
                 body = ChatRequest.model_validate(
-                    {k: message[k] for k in ("prompt", "timeout_seconds") if k in message}
+                    {k: message[k] for k in ("prompt", "timeout_seconds", "queue") if k in message}
                 )
                 turn = await service.chat(
-                    db=db, session=session, prompt=body.prompt, timeout_s=body.timeout_seconds
+                    db=db,
+                    session=session,
+                    prompt=body.prompt,
+                    timeout_s=body.timeout_seconds,
+                    queue=body.queue,
                 )
                 return {"type": "ack", "message_id": turn.id, "id": message.get("id")}
             if kind == "interrupt":

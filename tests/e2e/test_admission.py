@@ -110,6 +110,12 @@ async def test_over_the_per_user_limit_a_create_is_refused_or_queued_fairly(
     # The paused one cannot resume now (alice has two live again): 429, or queue its prompt.
     again = await alice.http.post(f"/api/v1/sessions/{first}/chat", json={"prompt": "x"})
     assert again.status_code == 429 and "PER_USER=2" in again.json()["detail"]
+    async with connect(alice.stream_url(first), max_size=None) as ws:
+        await ws.send(json.dumps({"type": "prompt", "prompt": "x", "id": "p1"}))
+        answer: dict[str, Any] = {}
+        while answer.get("type") != "error" or "seq" in answer:  # replayed events have a seq
+            answer = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert answer["code"] == "admission_refused" and answer["retry_after"] == 5, answer
     kept = await alice.http.post(
         f"/api/v1/sessions/{first}/chat", params={"queue": "true"}, json={"prompt": "later"}
     )
