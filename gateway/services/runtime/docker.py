@@ -4,11 +4,10 @@ own thread pool (``CCGATE_DOCKER_THREADS``), never on the loop or asyncio's shar
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import ipaddress
 import logging
 import tarfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import IO, Any, TypeVar, cast
 
 import docker
@@ -19,6 +18,7 @@ from requests.exceptions import RequestException
 
 from gateway.errors import ContainerStartFailed, DependencyUnavailable
 from gateway.executors import BlockingPool
+from gateway.services.runtime.archive import ChunkReader, HashingReader
 from gateway.services.runtime.base import (
     LABEL_DEPLOYMENT,
     LABEL_HELPER,
@@ -385,7 +385,7 @@ class DockerRuntime(ContainerRuntime):
                 raise FileNotFoundError(path) from exc
             if stat.get("size", 0) > max_bytes:
                 raise ValueError(f"{path} is {stat['size']} bytes (limit {max_bytes})")
-            with tarfile.open(fileobj=cast(IO[bytes], _ChunkReader(chunks)), mode="r|") as tar:
+            with tarfile.open(fileobj=cast(IO[bytes], ChunkReader(chunks)), mode="r|") as tar:
                 member = tar.next()
                 if member is None or not member.isfile():
                     raise FileNotFoundError(f"{path} is not a regular file")
@@ -393,49 +393,9 @@ class DockerRuntime(ContainerRuntime):
                     raise ValueError(f"{path} is {member.size} bytes (limit {max_bytes})")
                 extracted = tar.extractfile(member)
                 assert extracted is not None
-                reader = _HashingReader(extracted)
+                reader = HashingReader(extracted)
                 sink(cast(IO[bytes], reader), member.size)
                 reader.drain()
                 return reader.count, reader.sha256.hexdigest()
 
         return await self._call(_export)
-
-
-class _ChunkReader:
-    """A read-only file object over the SDK's chunk iterator (for tarfile's stream mode)."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._buffer = b""
-
-    def read(self, size: int = -1) -> bytes:
-        while size < 0 or len(self._buffer) < size:
-            try:
-                self._buffer += next(self._chunks)
-            except StopIteration:
-                break
-        if size < 0:
-            out, self._buffer = self._buffer, b""
-        else:
-            out, self._buffer = self._buffer[:size], self._buffer[size:]
-        return out
-
-
-class _HashingReader:
-    """Counts and hashes what passes through (the sink's reads)."""
-
-    def __init__(self, inner: IO[bytes]) -> None:
-        self._inner = inner
-        self.sha256 = hashlib.sha256()
-        self.count = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._inner.read(size)
-        self.sha256.update(data)
-        self.count += len(data)
-        return data
-
-    def drain(self) -> None:
-        """Read whatever the sink left unread, so size and hash cover the whole file."""
-        while self.read(256 * 1024):
-            pass
