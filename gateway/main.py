@@ -45,7 +45,7 @@ from gateway.observe import register_gauges
 from gateway.services.artifacts import ArtifactStore, LocalArtifactStore, S3ArtifactStore
 from gateway.services.container_deaths import DeathWatch
 from gateway.services.egress import EgressProxies
-from gateway.services.events import EventHub
+from gateway.services.event_hub import EventHub
 from gateway.services.lease import Lease
 from gateway.services.ledger import Ledger
 from gateway.services.lifecycle_loop import LifecycleLoop

@@ -26,6 +26,7 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
+from starlette.websockets import WebSocketState
 
 from gateway.api.events import MAX_SEQ
 from gateway.auth import InvalidToken, Principal, decode_token
@@ -152,9 +153,7 @@ async def session_stream(websocket: WebSocket, session_id: str) -> None:
                     await websocket.close(code=CLOSE_SLOW_CONSUMER, reason=str(failure)[:120])
             elif isinstance(failure, GatewayError):
                 await websocket.close(code=CLOSE_DEPENDENCY, reason=failure.message[:120])
-            elif failure is not None and not isinstance(
-                failure, WebSocketDisconnect | RuntimeError
-            ):
+            elif failure is not None and not _client_gone(websocket, failure):
                 raise failure
     finally:
         for task in tasks:
@@ -162,6 +161,17 @@ async def session_stream(websocket: WebSocket, session_id: str) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(RuntimeError, WebSocketDisconnect):
             await websocket.close()
+
+
+def _client_gone(websocket: WebSocket, failure: BaseException) -> bool:
+    # Starlette raises RuntimeError for a send after the socket closed; any other RuntimeError
+    # (e.g. from a dependency's client) is a bug and must not pass for a normal close.
+    if isinstance(failure, WebSocketDisconnect):
+        return True
+    return isinstance(failure, RuntimeError) and (
+        websocket.client_state != WebSocketState.CONNECTED
+        or websocket.application_state != WebSocketState.CONNECTED
+    )
 
 
 async def _handle_client_message(

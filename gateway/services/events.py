@@ -20,28 +20,20 @@ after step 1 is either replayed in step 2 or arrives in step 3.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import DependencyUnavailable
-from gateway.supervisor import Supervisor
-from wrapper.protocol import ENVELOPE_FIELD, events_key, live_channel, seq_of_stream_id
+from gateway.services.event_hub import OVERFLOW, RESYNC, EventHub
+from wrapper.protocol import ENVELOPE_FIELD, events_key, seq_of_stream_id
 
 logger = logging.getLogger(__name__)
 
-_RESYNC = b"resync"
-_OVERFLOW = b"overflow"
 _REPLAY_PAGE = 500
 _SEQ_PREFIX = b'{"seq":'
 
@@ -57,169 +49,6 @@ def envelope_seq(raw: bytes) -> int:
         raise ValueError("not an envelope")
     end = raw.index(b",", len(_SEQ_PREFIX))
     return int(raw[len(_SEQ_PREFIX) : end])
-
-
-@dataclass(eq=False)
-class Subscription:
-    """One local follower of a session: a queue of raw envelopes and markers, bounded by
-    count (``queue.maxsize``) and by ``max_bytes``; past either bound it is overflowed: the
-    queue is dropped, ``overflow`` is set, and the follower gets SlowConsumer."""
-
-    session_id: str
-    queue: asyncio.Queue[bytes] = field(default_factory=lambda: asyncio.Queue(maxsize=1000))
-    max_bytes: int = 8 * 1024 * 1024
-    queued_bytes: int = 0
-    overflowed: bool = False
-    overflow: asyncio.Event = field(default_factory=asyncio.Event)
-    accept: Callable[[bytes], bool] | None = None
-    """Filter: only messages it accepts are queued (a turn waiter wants notices only)."""
-
-    def deliver(self, raw: bytes) -> None:
-        """Queue without waiting; past a bound, mark the subscription overflowed."""
-        if self.overflowed:
-            return
-        if self.accept is not None and raw != _RESYNC and not self.accept(raw):
-            return
-        if self.queued_bytes + len(raw) > self.max_bytes or self.queue.full():
-            self.overflowed = True
-            self.overflow.set()
-            while not self.queue.empty():
-                self.queue.get_nowait()
-            self.queued_bytes = 0
-            self.queue.put_nowait(_OVERFLOW)
-            return
-        self.queued_bytes += len(raw)
-        self.queue.put_nowait(raw)
-
-    async def get(self) -> bytes:
-        """Next queued item."""
-        raw = await self.queue.get()
-        self.queued_bytes = max(0, self.queued_bytes - len(raw))
-        return raw
-
-
-@dataclass(eq=False)
-class _Channel:
-    subscribers: set[Subscription] = field(default_factory=set)
-    confirmed: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-class EventHub:
-    """The process's single pub/sub connection and its fan-out to local subscriptions."""
-
-    def __init__(
-        self, client: aioredis.Redis, *, queue_size: int = 1000, queue_bytes: int = 8 << 20
-    ) -> None:
-        self._redis = client
-        self._pubsub = client.pubsub()
-        self._channels: dict[bytes, _Channel] = {}
-        self._queue_size = queue_size
-        self._queue_bytes = queue_bytes
-        self._anchor = f"ccgate:hub:{socket.gethostname()}:{os.getpid()}".encode()
-        # Serialises (un)subscribe calls: concurrent ones could each open a connection.
-        self._lock = asyncio.Lock()
-
-    async def start(self, supervisor: Supervisor) -> None:
-        """Open the connection (anchored by a private channel) and start the reader under
-        ``supervisor``.
-
-        If Redis is down now, the reader keeps retrying; /health reports it meanwhile.
-        """
-        with contextlib.suppress(RedisError, OSError):
-            async with self._lock:
-                await self._pubsub.subscribe(self._anchor)
-        supervisor.start("event-hub", self._read)
-
-    @property
-    def subscription_count(self) -> int:
-        """Local followers across all sessions."""
-        return sum(len(c.subscribers) for c in self._channels.values())
-
-    async def close(self) -> None:
-        """Close the connection (the supervisor stops the reader)."""
-        with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    @property
-    def channel_count(self) -> int:
-        """Sessions currently subscribed by this process."""
-        return len(self._channels)
-
-    async def subscribe(
-        self, session_id: str, *, accept: Callable[[bytes], bool] | None = None
-    ) -> Subscription:
-        """Follow a session; returns once Redis confirmed the subscription. ``accept``
-        filters what is queued for this follower.
-
-        Raises DependencyUnavailable("redis", ...) when Redis does not answer in 5 s.
-        """
-        name = live_channel(session_id).encode()
-        sub = Subscription(
-            session_id,
-            asyncio.Queue(maxsize=self._queue_size),
-            max_bytes=self._queue_bytes,
-            accept=accept,
-        )
-        channel = self._channels.get(name)
-        if channel is None:
-            channel = self._channels[name] = _Channel()
-            try:
-                async with self._lock:
-                    await self._pubsub.subscribe(name)
-            except (RedisError, OSError) as exc:
-                self._channels.pop(name, None)
-                raise DependencyUnavailable("redis", str(exc)) from exc
-        channel.subscribers.add(sub)
-        try:
-            await asyncio.wait_for(channel.confirmed.wait(), 5)
-        except TimeoutError as exc:
-            await self.unsubscribe(sub)
-            raise DependencyUnavailable("redis", "subscription not confirmed in 5s") from exc
-        return sub
-
-    async def unsubscribe(self, sub: Subscription) -> None:
-        """Stop following; the channel is released when its last local follower leaves."""
-        name = live_channel(sub.session_id).encode()
-        channel = self._channels.get(name)
-        if channel is None:
-            return
-        channel.subscribers.discard(sub)
-        if not channel.subscribers:
-            del self._channels[name]
-            with contextlib.suppress(RedisError, OSError):
-                async with self._lock:
-                    await self._pubsub.unsubscribe(name)
-
-    async def _read(self) -> None:
-        # (Re)started: followers re-read their streams, in case messages were missed.
-        for channel in list(self._channels.values()):
-            for sub in list(channel.subscribers):
-                sub.deliver(_RESYNC)
-        while True:
-            try:
-                if not self._pubsub.subscribed:
-                    async with self._lock:
-                        await self._pubsub.subscribe(self._anchor)
-                message = await self._pubsub.get_message(timeout=1.0)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                logger.warning("event hub: redis connection lost: %s", exc)
-                await asyncio.sleep(0.5)
-                continue
-            if message is None:
-                continue
-            kind = message["type"]
-            target = self._channels.get(message["channel"])
-            if target is None:
-                continue
-            if kind == "message":
-                for sub in list(target.subscribers):
-                    sub.deliver(message["data"])
-            elif kind == "subscribe":
-                if target.confirmed.is_set():
-                    # Re-subscribed after a reconnect: followers re-read the stream.
-                    for sub in list(target.subscribers):
-                        sub.deliver(_RESYNC)
-                target.confirmed.set()
 
 
 ArchiveReader = Callable[[str, int, int, int], Awaitable[list[bytes]]]
@@ -340,9 +169,9 @@ async def follow_session(
             yield raw
         while True:
             raw = await sub.get()
-            if raw == _OVERFLOW:
+            if raw == OVERFLOW:
                 raise SlowConsumer(f"client fell more than {sub.queue.maxsize} events behind")
-            if raw == _RESYNC:
+            if raw == RESYNC:
                 async for replayed in catch_up():
                     yield replayed
                 continue

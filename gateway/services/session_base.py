@@ -24,7 +24,7 @@ from gateway.services import family, session_redis
 from gateway.services.artifacts import ArtifactStore
 from gateway.services.egress import EgressProxies
 from gateway.services.envelopes import notice_key
-from gateway.services.events import EventHub
+from gateway.services.event_hub import EventHub
 from gateway.services.ledger import Ledger
 from gateway.services.network import SessionsNetwork
 from gateway.services.runtime import ContainerRuntime

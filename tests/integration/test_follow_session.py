@@ -8,7 +8,8 @@ import uuid
 
 import redis.asyncio as aioredis
 
-from gateway.services.events import EventHub, envelope_seq, follow_session
+from gateway.services.event_hub import EventHub
+from gateway.services.events import envelope_seq, follow_session
 from gateway.supervisor import Supervisor
 from tests.containers import RedisContainer
 from wrapper.protocol import EventSource, encode_envelope

@@ -19,7 +19,7 @@ from gateway.errors import Conflict
 from gateway.metrics import Metrics
 from gateway.services import tree
 from gateway.services.artifacts import LocalArtifactStore
-from gateway.services.events import EventHub
+from gateway.services.event_hub import EventHub
 from gateway.services.ledger import Ledger
 from gateway.services.runtime.docker import DockerRuntime
 from gateway.services.sessions import SessionService
