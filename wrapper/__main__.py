@@ -8,9 +8,12 @@ SessionRunner until SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
+import time
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -20,9 +23,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from wrapper.config import WrapperConfig
 from wrapper.outbox import Outbox
-from wrapper.protocol import SessionSpec, spec_key
+from wrapper.protocol import Claim, SessionSpec, claim_key, pool_ready_key, spec_key
 from wrapper.publisher import EventPublisher
-from wrapper.runner import SessionRunner
+from wrapper.runner import PendingEvents, SessionRunner, StartupFailed
 
 logger = logging.getLogger("wrapper")
 
@@ -55,9 +58,9 @@ async def amain() -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    def client() -> aioredis.Redis:
+    def client(url: str = config.redis_url) -> aioredis.Redis:
         return aioredis.Redis.from_url(
-            config.redis_url,
+            url,
             socket_connect_timeout=5,
             # Above the 2 s BLPOP timeout of the input and control loops.
             socket_timeout=15,
@@ -67,11 +70,13 @@ async def amain() -> int:
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
 
-    main, blocking_input, blocking_control = client(), client(), client()
+    main, blocking_input, blocking_control = client(config.redis_url), client(), client()
     try:
         spec = await wait_for_spec(main, config.session_id, stop)
         if spec is None:
             return 0
+        if spec.pooled:
+            return await _serve_pooled(config, spec, stop, client, (main, blocking_input))
         publisher = EventPublisher(main, config.session_id, outbox=Outbox(config.state_dir))
         while True:
             try:
@@ -88,6 +93,87 @@ async def amain() -> int:
             control_redis=blocking_control,
             state_redis=main,
         )
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, runner.request_stop)
+        if stop.is_set():
+            runner.request_stop()
+        return await runner.run()
+    finally:
+        for c in (main, blocking_input, blocking_control):
+            await c.aclose()
+
+
+async def wait_for_claim(
+    client: aioredis.Redis, slot_id: str, runner: SessionRunner, stop: asyncio.Event
+) -> Claim | None:
+    """BLPOP the slot's claim; None when a stop is requested or the CLI died meanwhile (the
+    container then exits and the pool replaces it). A malformed claim is logged and skipped."""
+    while not stop.is_set() and runner.cli_alive:
+        try:
+            item = await client.blpop([claim_key(slot_id)], timeout=1)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            logger.warning("waiting for a claim: redis: %s", exc)
+            await asyncio.sleep(0.5)
+            continue
+        if item is None:
+            continue
+        try:
+            return Claim.from_json(item[1])
+        except (ValueError, KeyError) as exc:
+            logger.error("malformed claim ignored: %s", exc)
+    return None
+
+
+async def _serve_pooled(
+    config: WrapperConfig,
+    profile: SessionSpec,
+    stop: asyncio.Event,
+    client: Callable[[str], aioredis.Redis],
+    slot_clients: tuple[aioredis.Redis, aioredis.Redis],
+) -> int:
+    """Warm pool: start the CLI for ``profile``, report ready, wait for a claim, then serve
+    the claimed session with its own Redis login (the slot's is dropped)."""
+    slot_main, slot_blocking = slot_clients
+    runner = SessionRunner(
+        config,
+        profile,
+        publisher=PendingEvents(),
+        input_redis=slot_blocking,
+        control_redis=slot_blocking,
+        state_redis=slot_main,
+    )
+    started = time.monotonic()
+    try:
+        await runner.prestart()
+    except StartupFailed as exc:
+        logger.error("warm-pool CLI did not start: %s", exc)
+        return 1
+    ready = json.dumps({"ready_ms": int((time.monotonic() - started) * 1000)})
+    await slot_main.rpush(pool_ready_key(config.session_id), ready)
+    claim = await wait_for_claim(slot_blocking, config.session_id, runner, stop)
+    if claim is None:
+        await runner.stop_cli()
+        return 0 if stop.is_set() else 1
+    spec = SessionSpec.from_json(claim.spec)
+    main, blocking_input, blocking_control = (client(claim.redis_url) for _ in range(3))
+    try:
+        publisher = EventPublisher(main, claim.session_id, outbox=Outbox(config.state_dir))
+        while True:
+            try:
+                await publisher.start()
+                break
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                logger.warning("waiting for redis: %s", exc)
+                await asyncio.sleep(0.5)
+        runner.bind(
+            spec,
+            publisher=publisher,
+            input_redis=blocking_input,
+            control_redis=blocking_control,
+            state_redis=main,
+            claimed_at=claim.claimed_at,
+        )
+        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runner.request_stop)
         if stop.is_set():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -31,27 +32,60 @@ logger = logging.getLogger("wrapper.runner")
 class CliLife(RunnerState):
     """Launch, handshake, supervise and restart the CLI; read its stdout; control requests."""
 
-    def _transcript_exists(self) -> bool:
+    def _transcript(self) -> str | None:
+        """The CLI session id of the transcript on the config volume, if there is one."""
         try:
             with open(self._state_file) as fh:
-                return bool(json.load(fh).get("transcript"))
+                marker = json.load(fh)
         except (OSError, ValueError):
-            return False
+            return None
+        if not isinstance(marker, dict) or not marker.get("transcript"):
+            return None
+        return str(marker.get("cli_session_id") or self._spec.session_id)
+
+    def _transcript_exists(self) -> bool:
+        return self._transcript() is not None
+
+    @property
+    def _cli_session_id(self) -> str:
+        return self._spec.cli_session_id or self._spec.session_id
 
     def _mark_transcript(self) -> None:
         if self._transcript_exists():
             return
         os.makedirs(self._config.marker_dir, exist_ok=True)
         with open(self._state_file, "w") as fh:
-            json.dump({"transcript": True, "cli_session_id": self._spec.session_id}, fh)
+            json.dump({"transcript": True, "cli_session_id": self._cli_session_id}, fh)
+
+    @property
+    def cli_alive(self) -> bool:
+        """True while the launched CLI runs (its stdout pump has not ended)."""
+        return self._pump is not None and not self._pump.done()
+
+    async def stop_cli(self) -> None:
+        """Stop a prestarted CLI that will never serve a session."""
+        if self._cli is not None:
+            await self._cli.stop(self._config.stop_grace_s)
+
+    async def prestart(self) -> None:
+        """Warm pool: launch the CLI and finish its handshake before any session exists;
+        ``_supervise`` then adopts it. Raises StartupFailed."""
+        self._prestarted = await self._launch(resume=False)
 
     async def _supervise(self) -> None:
         first = True
         last_exit: dict[str, Any] = {}
         while not self._stop.is_set():
-            resume = self._transcript_exists()
+            cli_id = self._transcript()
+            resume = cli_id is not None
+            if cli_id is not None and cli_id != self._cli_session_id:
+                self._spec = dataclasses.replace(self._spec, cli_session_id=cli_id)
             try:
-                info = await self._launch(resume=resume)
+                if self._prestarted is not None:
+                    info, self._prestarted = self._prestarted, None
+                    info["cli_session_id"] = self._cli_session_id
+                else:
+                    info = await self._launch(resume=resume)
             except StartupFailed as exc:
                 tail = list(self._cli.stderr_tail) if self._cli else []
                 logger.error("claude did not start: %s", exc)
@@ -63,6 +97,9 @@ class CliLife(RunnerState):
             if first:
                 if self._spec.resumed_at is not None:
                     info["resume_ms"] = max(0, int((time.time() - self._spec.resumed_at) * 1000))
+                if self._claimed_at is not None:
+                    info["pooled"] = True
+                    info["claim_ms"] = max(0, int((time.time() - self._claimed_at) * 1000))
                 self._emit(EventType.READY, {**info, "resumed": resume})
                 first = False
             else:
@@ -100,7 +137,7 @@ class CliLife(RunnerState):
                 "ccgate": ccgate_mcp_server(
                     python=sys.executable,
                     gateway_url=self._spec.gateway_url,
-                    session_id=self._spec.session_id,
+                    session_file=self._session_file,
                     token_file=self._token_file,
                 )
             }
@@ -129,7 +166,7 @@ class CliLife(RunnerState):
         mcp = await self._wait_for_mcp() if (extra or self._spec.mcp_servers) else {}
         return {
             "cli_pid": self._cli.pid,
-            "cli_session_id": self._spec.session_id,
+            "cli_session_id": self._cli_session_id,
             "claude_code_version": response.get("claude_code_version"),
             "permission_mode": response.get("current_permission_mode"),
             "model": self._spec.model,

@@ -29,17 +29,19 @@ def build_cli_args(
 ) -> list[str]:
     """The CLI command line for a session (flags from ``claude --help`` 2.1.x).
 
-    ``resume=False`` pins the CLI's own session id to the ccgate session id with
-    ``--session-id``; ``resume=True`` continues that transcript with ``--resume``. Values use the
-    ``--flag=value`` form so a value starting with ``-`` is never read as a flag.
+    ``resume=False`` pins the CLI's own session id (``spec.cli_session_id``, by default the
+    ccgate session id) with ``--session-id``; ``resume=True`` continues that transcript with
+    ``--resume``. Values use the ``--flag=value`` form so a value starting with ``-`` is never
+    read as a flag.
     ``extra_mcp_servers`` (the ccgate tools) are added to the session's own MCP servers.
     """
+    cli_id = spec.cli_session_id or spec.session_id
     args = [
         claude_bin,
         "--input-format=stream-json",
         "--output-format=stream-json",
         "--verbose",
-        f"--resume={spec.session_id}" if resume else f"--session-id={spec.session_id}",
+        f"--resume={cli_id}" if resume else f"--session-id={cli_id}",
     ]
     if spec.model:
         args.append(f"--model={spec.model}")
@@ -66,16 +68,18 @@ def build_cli_args(
 
 
 def ccgate_mcp_server(
-    *, python: str, gateway_url: str, session_id: str, token_file: str
+    *, python: str, gateway_url: str, session_file: str, token_file: str
 ) -> dict[str, Any]:
-    """The ``--mcp-config`` entry of the ccgate tools (wrapper/mcp_tools.py over stdio)."""
+    """The ``--mcp-config`` entry of the ccgate tools (wrapper/mcp_tools.py over stdio). The
+    session id is read from ``session_file`` at each call, so a warm-pool container can start
+    the server before it is bound to a session."""
     return {
         "type": "stdio",
         "command": python,
         "args": ["-m", "wrapper.mcp_tools"],
         "env": {
             "CCGATE_GATEWAY_URL": gateway_url,
-            "CCGATE_SESSION_ID": session_id,
+            "CCGATE_SESSION_FILE": session_file,
             "CCGATE_TOKEN_FILE": token_file,
         },
     }

@@ -6,45 +6,75 @@ gateway's HTTP API with this session's own JWT, read from ``CCGATE_TOKEN_FILE`` 
 wrapper keeps the file fresh); that token reaches only this session's subtree. A refusal from the
 gateway (a spawn limit, an unknown session) becomes a tool error carrying the gateway's message.
 
-Environment: ``CCGATE_GATEWAY_URL``, ``CCGATE_SESSION_ID``, ``CCGATE_TOKEN_FILE``.
+Why not the ``mcp`` SDK: importing it took ~0.75 s of a cold start inside the container (it pulls
+pydantic, anyio, starlette, httpx); this server needs four methods of the protocol. Wire format
+(MCP spec, "Transports: stdio" and "Lifecycle"): JSON-RPC 2.0 messages, one per line, UTF-8;
+``initialize`` → ``notifications/initialized`` → ``tools/list`` / ``tools/call`` / ``ping``.
+Tool calls run on a small thread pool so a long ``wait_for_result`` never blocks the others.
+
+Environment: ``CCGATE_GATEWAY_URL``, ``CCGATE_TOKEN_FILE``, and ``CCGATE_SESSION_FILE`` (the
+session id, written by the wrapper when its session is bound — a warm-pool container starts this
+server before it has a session) or ``CCGATE_SESSION_ID``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import urllib.error
-import urllib.request
-from typing import Any
-
-from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import IO, Any
 
 GATEWAY_URL = os.environ.get("CCGATE_GATEWAY_URL", "").rstrip("/")
-SESSION_ID = os.environ.get("CCGATE_SESSION_ID", "")
 TOKEN_FILE = os.environ.get("CCGATE_TOKEN_FILE", "")
+SESSION_FILE = os.environ.get("CCGATE_SESSION_FILE", "")
 
-server = MCPServer(
-    "ccgate",
-    instructions=(
-        "Spawn child Claude Code sessions, each in its own container, and direct them: "
-        "spawn_session starts one with a prompt, wait_for_result returns its answer, "
-        "send_message continues it, stop_session ends it. Limits on depth, children, tree "
-        "size and cost apply; a refusal says which."
-    ),
+PROTOCOL_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
+"""Versions this server speaks, newest first; it answers the client's if listed, else the
+newest."""
+SERVER_INFO = {"name": "ccgate", "version": "1"}
+INSTRUCTIONS = (
+    "Spawn child Claude Code sessions, each in its own container, and direct them: "
+    "spawn_session starts one with a prompt, wait_for_result returns its answer, "
+    "send_message continues it, stop_session ends it. Limits on depth, children, tree "
+    "size and cost apply; a refusal says which."
 )
 
 
+class ToolError(Exception):
+    """A tool failed in a way the model should read (becomes ``isError: true``)."""
+
+
+def session_id() -> str:
+    """This container's session id (from the wrapper's file, else the environment)."""
+    if SESSION_FILE:
+        try:
+            with open(SESSION_FILE) as fh:
+                value = fh.read().strip()
+            if value:
+                return value
+        except OSError:
+            pass
+    value = os.environ.get("CCGATE_SESSION_ID", "")
+    if not value:
+        raise ToolError("this container has no ccgate session yet; try again shortly")
+    return value
+
+
 def _call(method: str, path: str, body: dict[str, Any] | None, timeout_s: float) -> Any:
-    """One JSON request to the gateway (blocking; run in a thread). Raises ToolError."""
+    """One JSON request to the gateway's /api/v1 (blocking). Raises ToolError."""
+    import urllib.error  # imported on first use: most sessions never call a tool
+    import urllib.request
+
     try:
         with open(TOKEN_FILE) as fh:
             token = fh.read().strip()
     except OSError as exc:
         raise ToolError(f"no ccgate session token yet ({exc}); try again shortly") from exc
     request = urllib.request.Request(
-        GATEWAY_URL + path,
+        f"{GATEWAY_URL}/api/v1{path}",
         data=None if body is None else json.dumps(body).encode(),
         method=method,
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
@@ -63,73 +93,229 @@ def _call(method: str, path: str, body: dict[str, Any] | None, timeout_s: float)
     return json.loads(raw) if raw else {}
 
 
-async def _api(
-    method: str, path: str, body: dict[str, Any] | None = None, timeout_s: float = 60
-) -> Any:
-    return await asyncio.to_thread(_call, method, f"/api/v1{path}", body, timeout_s)
-
-
 def _summary(session: dict[str, Any]) -> dict[str, Any]:
     keys = ("session_id", "status", "parent_session_id", "child_session_ids", "total_turns",
             "total_cost_usd", "error")  # fmt: skip
     return {k: session.get(k) for k in keys}
 
 
-@server.tool(structured_output=False)
-async def spawn_session(
+def spawn_session(
     prompt: str, workspace: str = "ephemeral", config: dict[str, Any] | None = None
 ) -> str:
-    """Start a child Claude Code session in its own container; it runs ``prompt`` once.
-
-    workspace: "ephemeral" (empty), "inherit" (share this session's /workspace) or "clone" (a
-    copy of this session's /workspace as it is now). config: optional overrides such as model,
-    system_prompt, allowed_tools, max_turns; whatever is not given is inherited.
-    Returns JSON {child_session_id, status, parent_session_id}.
-    """
+    """Start a child Claude Code session in its own container; it runs ``prompt`` once."""
     body = {"prompt": prompt, "workspace": {"type": workspace}, "config": config or {}}
-    return json.dumps(await _api("POST", f"/sessions/{SESSION_ID}/spawn", body))
+    return json.dumps(_call("POST", f"/sessions/{session_id()}/spawn", body, 60))
 
 
-@server.tool(structured_output=False)
-async def send_message(session_id: str, prompt: str) -> str:
-    """Send another prompt to a descendant session; returns JSON {message_id, status}."""
+def send_message(session_id: str, prompt: str) -> str:
+    """Send another prompt to a descendant session."""
     body = {"prompt": prompt, "stream": True}
-    return json.dumps(await _api("POST", f"/sessions/{session_id}/chat", body))
+    return json.dumps(_call("POST", f"/sessions/{session_id}/chat", body, 60))
 
 
-@server.tool(structured_output=False)
-async def wait_for_result(session_id: str, timeout_seconds: float = 600) -> str:
-    """Wait for a descendant's latest turn to finish; returns JSON with its ``result`` text,
-    status, is_error and cost."""
+def wait_for_result(session_id: str, timeout_seconds: float = 600) -> str:
+    """Wait for a descendant's latest turn to finish."""
     body = {"timeout_seconds": timeout_seconds}
-    result = await _api(
-        "POST", f"/sessions/{session_id}/wait", body, timeout_s=timeout_seconds + 60
-    )
+    result = _call("POST", f"/sessions/{session_id}/wait", body, timeout_seconds + 60)
     return json.dumps({"session_id": session_id, **result})
 
 
-@server.tool(structured_output=False)
-async def get_session(session_id: str) -> str:
-    """Status, turns, cost and children of a descendant session (JSON)."""
-    return json.dumps(_summary(await _api("GET", f"/sessions/{session_id}")))
+def get_session(session_id: str) -> str:
+    """Status, turns, cost and children of a descendant session."""
+    return json.dumps(_summary(_call("GET", f"/sessions/{session_id}", None, 60)))
 
 
-@server.tool(structured_output=False)
-async def list_children() -> str:
-    """This session's children (JSON list of their status, turns and cost)."""
-    children = await _api("GET", f"/sessions/{SESSION_ID}/children")
+def list_children() -> str:
+    """This session's children."""
+    children = _call("GET", f"/sessions/{session_id()}/children", None, 60)
     return json.dumps([_summary(c) for c in children["children"]])
 
 
-@server.tool(structured_output=False)
-async def stop_session(session_id: str) -> str:
-    """Stop a descendant session and its own subtree; returns its final status (JSON)."""
-    return json.dumps(_summary(await _api("POST", f"/sessions/{session_id}/stop")))
+def stop_session(session_id: str) -> str:
+    """Stop a descendant session and its own subtree."""
+    return json.dumps(_summary(_call("POST", f"/sessions/{session_id}/stop", None, 60)))
+
+
+def _schema(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": required}
+
+
+_ID = {"type": "string", "description": "a descendant session's id"}
+TOOLS: dict[str, tuple[Callable[..., str], str, dict[str, Any]]] = {
+    "spawn_session": (
+        spawn_session,
+        "Start a child Claude Code session in its own container; it runs `prompt` once.\n\n"
+        'workspace: "ephemeral" (empty), "inherit" (share this session\'s /workspace) or '
+        '"clone" (a copy of this session\'s /workspace as it is now). config: optional '
+        "overrides such as model, system_prompt, allowed_tools, max_turns; whatever is not "
+        "given is inherited.\nReturns JSON {child_session_id, status, parent_session_id}.",
+        _schema(
+            {
+                "prompt": {"type": "string"},
+                "workspace": {
+                    "type": "string",
+                    "enum": ["ephemeral", "inherit", "clone"],
+                    "default": "ephemeral",
+                },
+                "config": {"anyOf": [{"type": "object"}, {"type": "null"}], "default": None},
+            },
+            ["prompt"],
+        ),
+    ),
+    "send_message": (
+        send_message,
+        "Send another prompt to a descendant session; returns JSON {message_id, status}.",
+        _schema({"session_id": _ID, "prompt": {"type": "string"}}, ["session_id", "prompt"]),
+    ),
+    "wait_for_result": (
+        wait_for_result,
+        "Wait for a descendant's latest turn to finish; returns JSON with its `result` text, "
+        "status, is_error and cost.",
+        _schema(
+            {"session_id": _ID, "timeout_seconds": {"type": "number", "default": 600}},
+            ["session_id"],
+        ),
+    ),
+    "get_session": (
+        get_session,
+        "Status, turns, cost and children of a descendant session (JSON).",
+        _schema({"session_id": _ID}, ["session_id"]),
+    ),
+    "list_children": (
+        list_children,
+        "This session's children (JSON list of their status, turns and cost).",
+        _schema({}, []),
+    ),
+    "stop_session": (
+        stop_session,
+        "Stop a descendant session and its own subtree; returns its final status (JSON).",
+        _schema({"session_id": _ID}, ["session_id"]),
+    ),
+}
+
+
+def _check_arguments(schema: dict[str, Any], arguments: Any) -> dict[str, Any]:
+    """The arguments if they fit the tool's schema (object, required present, no unknown
+    names, JSON types); raises ToolError saying what to fix."""
+    if not isinstance(arguments, dict):
+        raise ToolError("arguments must be a JSON object")
+    properties: dict[str, Any] = schema["properties"]
+    unknown = sorted(set(arguments) - set(properties))
+    if unknown:
+        raise ToolError(f"unknown argument(s): {', '.join(unknown)}")
+    missing = [name for name in schema["required"] if name not in arguments]
+    if missing:
+        raise ToolError(f"missing required argument(s): {', '.join(missing)}")
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "string": str,
+        "number": (int, float),
+        "object": dict,
+    }
+    for name, value in arguments.items():
+        kind = properties[name].get("type")
+        expected = kinds.get(kind)
+        if expected is not None and (isinstance(value, bool) or not isinstance(value, expected)):
+            raise ToolError(f"argument {name} must be a {kind}")
+        allowed = properties[name].get("enum")
+        if allowed and value not in allowed:
+            raise ToolError(f"argument {name} must be one of {', '.join(allowed)}")
+    return arguments
+
+
+def call_tool(name: str, arguments: Any) -> dict[str, Any]:
+    """Run a tool; the MCP ``CallToolResult`` (text content, ``isError`` on failure)."""
+    try:
+        if name not in TOOLS:
+            raise ToolError(f"unknown tool {name!r}")
+        fn, _, schema = TOOLS[name]
+        text = fn(**_check_arguments(schema, arguments if arguments is not None else {}))
+        return {"content": [{"type": "text", "text": text}], "isError": False}
+    except ToolError as exc:
+        return {"content": [{"type": "text", "text": str(exc)}], "isError": True}
+
+
+def handle(message: Any) -> dict[str, Any] | None:
+    """The JSON-RPC response to one request (None for a notification or a response).
+    ``tools/call`` is not handled here: the server runs it on its pool."""
+    if not isinstance(message, dict):
+        return _error(None, -32600, "invalid request: a JSON-RPC 2.0 object is expected")
+    if message.get("jsonrpc") != "2.0":
+        return _error(message.get("id"), -32600, 'invalid request: "jsonrpc" must be "2.0"')
+    if "method" not in message:
+        return None  # a response to something we never ask
+    method, request_id = message["method"], message.get("id")
+    if request_id is None:
+        return None  # notifications/initialized, notifications/cancelled, ...
+    params = message.get("params") or {}
+    if method == "initialize":
+        asked = params.get("protocolVersion") if isinstance(params, dict) else None
+        version = asked if asked in PROTOCOL_VERSIONS else PROTOCOL_VERSIONS[0]
+        return _result(
+            request_id,
+            {
+                "protocolVersion": version,
+                "capabilities": {"tools": {"listChanged": False}},
+                "serverInfo": SERVER_INFO,
+                "instructions": INSTRUCTIONS,
+            },
+        )
+    if method == "ping":
+        return _result(request_id, {})
+    if method == "tools/list":
+        tools = [
+            {"name": name, "description": description, "inputSchema": schema}
+            for name, (_, description, schema) in TOOLS.items()
+        ]
+        return _result(request_id, {"tools": tools})
+    return _error(request_id, -32601, f"method not found: {method}")
+
+
+def _result(request_id: Any, result: dict[str, Any]) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "result": result}
+
+
+def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
+
+
+def serve(stdin: IO[str], stdout: IO[str], *, workers: int = 8) -> None:
+    """Read requests from ``stdin`` until EOF; answer on ``stdout`` (one JSON per line)."""
+    lock = threading.Lock()
+
+    def send(response: dict[str, Any]) -> None:
+        line = json.dumps(response, separators=(",", ":")) + "\n"
+        with lock:
+            stdout.write(line)
+            stdout.flush()
+
+    def run_tool(request_id: Any, params: dict[str, Any]) -> None:
+        send(_result(request_id, call_tool(str(params.get("name")), params.get("arguments"))))
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tool") as pool:
+        for line in stdin:
+            if not line.strip():
+                continue
+            try:
+                message = json.loads(line)
+            except ValueError:
+                send(_error(None, -32700, "parse error: each line must be one JSON message"))
+                continue
+            if (
+                isinstance(message, dict)
+                and message.get("method") == "tools/call"
+                and message.get("id") is not None
+            ):
+                params = message.get("params")
+                pool.submit(run_tool, message["id"], params if isinstance(params, dict) else {})
+                continue
+            response = handle(message)
+            if response is not None:
+                send(response)
 
 
 def main() -> None:
     """Serve over stdio (the CLI starts this process)."""
-    server.run("stdio")
+    serve(sys.stdin, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,18 @@ def token_key(session_id: str) -> str:
     return f"{session_prefix(session_id)}token"
 
 
+def claim_key(slot_id: str) -> str:
+    """List holding the Claim JSON that binds a warm-pool container (whose Redis identity is
+    its slot id) to a session; the gateway pushes it once, the wrapper BLPOPs it."""
+    return f"{session_prefix(slot_id)}claim"
+
+
+def pool_ready_key(slot_id: str) -> str:
+    """List the wrapper of a warm-pool container pushes its readiness JSON to (CLI launched,
+    ``initialize`` answered, MCP servers connected); the gateway's pool BLPOPs it."""
+    return f"{session_prefix(slot_id)}pool-ready"
+
+
 def redis_username(session_id: str) -> str:
     """Name of the per-session Redis ACL user the session's container logs in as."""
     return f"ccgate-session-{session_id}"
@@ -227,6 +239,12 @@ class SessionSpec:
     resumed_at: float | None = None
     """Unix time when the gateway began resuming a paused session in this container; the
     ``ready`` event then reports ``resume_ms``."""
+    cli_session_id: str | None = None
+    """The CLI's own session id (``--session-id``/``--resume``), when it is not ``session_id``:
+    a session that claimed a warm-pool container keeps the id its CLI was started with."""
+    pooled: bool = False
+    """A warm-pool spec: start the CLI, report on :func:`pool_ready_key`, then wait for a
+    :class:`Claim` on :func:`claim_key` before serving any session."""
 
     def to_json(self) -> str:
         """Serialise for Redis."""
@@ -238,6 +256,35 @@ class SessionSpec:
         obj = json.loads(raw)
         known = {k: v for k, v in obj.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Binds a warm-pool container to a session (JSON pushed on :func:`claim_key`).
+
+    ``redis_url`` logs in as the session's own ACL user (the slot's user is then deleted);
+    ``spec`` is the session's SessionSpec JSON (its CLI flags equal the pool profile's);
+    ``claimed_at`` (Unix time) lets ``ready`` report ``claim_ms``."""
+
+    session_id: str
+    redis_url: str
+    spec: str
+    claimed_at: float
+
+    def to_json(self) -> str:
+        """Serialise for Redis."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Claim:
+        """Parse from Redis; raises ValueError (or KeyError) on a malformed claim."""
+        obj = json.loads(raw)
+        return cls(
+            session_id=str(obj["session_id"]),
+            redis_url=str(obj["redis_url"]),
+            spec=str(obj["spec"]),
+            claimed_at=float(obj["claimed_at"]),
+        )
 
 
 @dataclass(frozen=True)

@@ -16,15 +16,19 @@ import asyncio
 import contextlib
 import logging
 
-from wrapper.control import ControlLoops
+import redis.asyncio as aioredis
+
+from wrapper.control import ControlLoops, _write_shared
 from wrapper.protocol import (
     EventType,
+    SessionSpec,
 )
-from wrapper.runner_state import StartupFailed
+from wrapper.publisher import EventPublisher
+from wrapper.runner_state import PendingEvents, StartupFailed
 
 logger = logging.getLogger("wrapper.runner")
 
-__all__ = ["SessionRunner", "StartupFailed"]
+__all__ = ["PendingEvents", "SessionRunner", "StartupFailed"]
 
 
 class SessionRunner(ControlLoops):
@@ -36,8 +40,32 @@ class SessionRunner(ControlLoops):
 
     # ----------------------------------------------------------------------------- main
 
+    def bind(
+        self,
+        spec: SessionSpec,
+        *,
+        publisher: EventPublisher,
+        input_redis: aioredis.Redis,
+        control_redis: aioredis.Redis,
+        state_redis: aioredis.Redis,
+        claimed_at: float,
+    ) -> None:
+        """Warm pool: make this prestarted runner serve the session of a claim. Events kept
+        since the launch are replayed on the session's publisher first; ``ready`` follows
+        from ``run()`` with ``pooled: true`` and ``claim_ms``."""
+        pending = self._events
+        self._spec = spec
+        self._events = publisher
+        self._input_redis = input_redis
+        self._control_redis = control_redis
+        self._state_redis = state_redis
+        self._claimed_at = claimed_at
+        if isinstance(pending, PendingEvents):
+            pending.replay_into(publisher)
+
     async def run(self) -> int:
         """Run until stopped; emits ``exited`` last and returns the process exit status."""
+        await asyncio.to_thread(_write_shared, self._session_file, self._spec.session_id.encode())
         await asyncio.to_thread(self._workspace.baseline)
         tasks = [
             asyncio.create_task(self._supervise(), name="supervise"),

@@ -32,6 +32,40 @@ class StartupFailed(Exception):
     """The CLI exited or stayed silent before answering the ``initialize`` handshake."""
 
 
+class PendingEvents:
+    """Events emitted before a warm-pool container has a session (the CLI's answers to the
+    handshake), kept in order — at most ``limit``, the rest counted as dropped — and replayed
+    into the session's publisher at the claim, so a claimed session's stream starts as a cold
+    one's does."""
+
+    def __init__(self, limit: int = 1000) -> None:
+        self._items: list[tuple[str, str, EventSource, str | None]] = []
+        self._limit = limit
+        self.dropped = 0
+        self.journal_error: str | None = None
+        self.last_seq = 0
+
+    def emit(
+        self, event_type: str, data_json: str, *, source: EventSource, turn_id: str | None
+    ) -> int:
+        """Keep one event; returns its provisional position (not a session seq)."""
+        if len(self._items) < self._limit:
+            self._items.append((event_type, data_json, source, turn_id))
+        else:
+            self.dropped += 1
+        self.last_seq += 1
+        return self.last_seq
+
+    def replay_into(self, publisher: EventPublisher) -> None:
+        """Emit everything kept, in order, on the session's publisher."""
+        for event_type, data_json, source, turn_id in self._items:
+            publisher.emit(event_type, data_json, source=source, turn_id=turn_id)
+        self._items.clear()
+
+    async def close(self, timeout_s: float) -> None:
+        """Nothing to deliver: a container that was never claimed has no session."""
+
+
 class RunnerState:
     """What every part of the runner shares: config, spec, clients, the CLI and the turn."""
 
@@ -40,18 +74,19 @@ class RunnerState:
         config: WrapperConfig,
         spec: SessionSpec,
         *,
-        publisher: EventPublisher,
+        publisher: EventPublisher | PendingEvents,
         input_redis: aioredis.Redis,
         control_redis: aioredis.Redis,
         state_redis: aioredis.Redis,
     ) -> None:
         self._config = config
         self._spec = spec
-        self._events = publisher
+        self._events: EventPublisher | PendingEvents = publisher
         self._input_redis = input_redis
         self._control_redis = control_redis
         self._state_redis = state_redis
         self._token_file = os.path.join(config.shared_dir, "gateway-token")
+        self._session_file = os.path.join(config.shared_dir, "session-id")
         self._workspace = WorkspaceTracker(config.workspace)
         self._cli: CliProcess | None = None
         self._pump: asyncio.Task[int] | None = None
@@ -67,6 +102,9 @@ class RunnerState:
         self._crashes: deque[float] = deque()
         self._exit_status = 0
         self._state_file = os.path.join(config.marker_dir, "cli-session.json")
+        self._prestarted: dict[str, Any] | None = None
+        """The CLI a warm-pool container launched before its claim (its ``ready`` info)."""
+        self._claimed_at: float | None = None
 
     def request_stop(self) -> None:
         """Begin a graceful stop (SIGTERM handler)."""

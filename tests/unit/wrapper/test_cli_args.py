@@ -64,7 +64,7 @@ def test_the_ccgate_tools_join_the_sessions_own_mcp_servers() -> None:
     tools = ccgate_mcp_server(
         python="/opt/ccgate/bin/python",
         gateway_url="http://gw:8000",
-        session_id="u-3",
+        session_file="/run/ccgate/session-id",
         token_file="/state/token",
     )
     spec = SessionSpec(session_id="u-3", mcp_servers={"mine": {"command": "x"}})
@@ -77,6 +77,14 @@ def test_the_ccgate_tools_join_the_sessions_own_mcp_servers() -> None:
     # No secret on the command line: the tools read the token from a file.
     assert set(mcp["mcpServers"]["ccgate"]["env"]) == {
         "CCGATE_GATEWAY_URL",
-        "CCGATE_SESSION_ID",
+        "CCGATE_SESSION_FILE",
         "CCGATE_TOKEN_FILE",
     }
+
+
+def test_a_claimed_session_keeps_the_cli_session_id_of_its_pool_container() -> None:
+    spec = SessionSpec(session_id="sess-1", cli_session_id="slot-9")
+    assert "--session-id=slot-9" in build_cli_args(spec, claude_bin="claude", resume=False)
+    assert "--resume=slot-9" in build_cli_args(spec, claude_bin="claude", resume=True)
+    plain = SessionSpec(session_id="sess-1")
+    assert "--session-id=sess-1" in build_cli_args(plain, claude_bin="claude", resume=False)
