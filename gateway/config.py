@@ -14,10 +14,10 @@ import secrets
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.services.admission import Limits
@@ -36,6 +36,33 @@ class Environment(StrEnum):
 
 def _default_data_dir() -> Path:
     return Path.home() / ".ccgate"
+
+
+class PoolProfile(BaseModel):
+    """One warm pool: containers started ahead of need with this session config.
+
+    ``config`` holds SessionConfig fields (model, permission_mode, allowed_tools,
+    disallowed_tools, system_prompt, append_system_prompt, mcp_servers, max_turns,
+    include_partial_messages, env); what is not given takes the deployment's default, exactly
+    as a create would resolve it. A create whose resolved config launches the same CLI claims a
+    container from the pool. The pool keeps ``min_size`` ready containers, and up to
+    ``max_size`` while claims are frequent (one more per claim in the last minute)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
+    min_size: int = Field(default=1, ge=0, le=200)
+    max_size: int = Field(default=0, ge=0, le=200)
+    """0: same as ``min_size``."""
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> PoolProfile:
+        if self.max_size == 0:
+            self.max_size = self.min_size
+        if self.max_size < self.min_size:
+            raise ValueError(f"warm pool {self.name}: max_size is below min_size")
+        return self
 
 
 class Settings(BaseSettings):
@@ -149,6 +176,13 @@ class Settings(BaseSettings):
     """No container is started while the host's available memory is below this (0: off)."""
     admission_retry_after_s: int = Field(default=5, ge=1)
     """The Retry-After of an admission refusal (429)."""
+    warm_pool: list[PoolProfile] = Field(default_factory=list)
+    """Warm pools (JSON list of PoolProfile: ``[{"name": "default", "min_size": 4,
+    "max_size": 8, "config": {}}]``); empty: every session starts cold."""
+    warm_pool_refill_concurrency: int = Field(default=2, ge=1, le=32)
+    """Pool containers started at once (per deployment: one replica refills, under a lease)."""
+    warm_pool_ready_timeout_s: float = Field(default=60.0, gt=0)
+    """A pool container whose CLI is not ready in this time is discarded."""
     turn_silence_s: float = Field(default=600.0, gt=0)
     """A running turn with no event for this long is flagged (``turn_silent`` notice, metric)."""
     stream_maxlen: int = 10_000
@@ -230,6 +264,13 @@ class Settings(BaseSettings):
     default_model: str = "claude-sonnet-4-5"
     default_permission_mode: str = "bypassPermissions"
     default_chat_timeout_s: float = 600.0
+
+    @model_validator(mode="after")
+    def _pool_names_unique(self) -> Settings:
+        names = [p.name for p in self.warm_pool]
+        if len(names) != len(set(names)):
+            raise ValueError("CCGATE_WARM_POOL: profile names must be unique")
+        return self
 
     @model_validator(mode="after")
     def _production_needs_secret(self) -> Settings:

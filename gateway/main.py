@@ -50,10 +50,12 @@ from gateway.services.lease import Lease
 from gateway.services.ledger import Ledger
 from gateway.services.lifecycle_loop import LifecycleLoop
 from gateway.services.model_proxy import ModelProxy
+from gateway.services.pool_manager import PoolManager
 from gateway.services.ratelimit import UserRateLimiter
 from gateway.services.reaper import Reaper
 from gateway.services.runtime.docker import DockerRuntime
 from gateway.services.sessions import SessionService
+from gateway.services.warm_pool import resolve_profiles
 from gateway.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -102,6 +104,7 @@ def _error(status_code: int, detail: str, code: str, **extra: str) -> JSONRespon
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; clients are created in the lifespan and kept on ``app.state``."""
     settings = settings or Settings()
+    profiles = resolve_profiles(settings)  # a bad CCGATE_WARM_POOL stops the start, named
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -209,6 +212,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 ttl_s=max(10.0, settings.lifecycle_interval_s * 5),
             ),
         )
+        pool = PoolManager(
+            app.state.sessions,
+            Lease(redis, f"warm-pool:{settings.deployment_id}", ttl_s=10.0),
+            profiles,
+        )
+        app.state.pool = pool
+        app.state.sessions.pool_profiles = profiles
+        app.state.sessions.wake_pool = pool.wake
+        supervisor.start("warm-pool", pool.run)
         app.state.lifecycle = lifecycle
         app.state.loop = asyncio.get_running_loop()
         ledger.on_paused(lifecycle.wake)

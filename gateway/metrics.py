@@ -153,6 +153,40 @@ class Metrics:
             "Running turns flagged for producing no event for CCGATE_TURN_SILENCE_S",
             registry=r,
         )
+        self.pool_claims = Counter(
+            "ccgate_pool_claims",
+            "Creates served by a warm-pool container, by pool profile",
+            ["profile"],
+            registry=r,
+        )
+        self.pool_misses = Counter(
+            "ccgate_pool_misses",
+            "Creates that started cold while warm pools are configured, by reason "
+            "(no_profile: config matches none; workspace: not an empty workspace; empty: "
+            "no ready container; dead: the claimed container did not answer)",
+            ["reason"],
+            registry=r,
+        )
+        self.pool_refill_seconds = Histogram(
+            "ccgate_pool_refill_seconds",
+            "A warm-pool container: from its start to its CLI ready, by profile",
+            ["profile"],
+            buckets=(0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.pool_refill_failures = Counter(
+            "ccgate_pool_refill_failures",
+            "Warm-pool containers that failed to start or to get ready (removed), by profile",
+            ["profile"],
+            registry=r,
+        )
+        self.pool_discarded = Counter(
+            "ccgate_pool_discarded",
+            "Warm-pool containers removed unclaimed, by reason (dead, stale, surplus, "
+            "profile_changed)",
+            ["reason"],
+            registry=r,
+        )
         self.task_failures = Counter(
             "ccgate_task_failures", "Crashes of supervised background tasks", ["task"], registry=r
         )

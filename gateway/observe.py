@@ -8,6 +8,7 @@ from sqlmodel import select
 
 from gateway.db.engine import pool_in_use
 from gateway.db.models import Session
+from gateway.services.warm_pool import READY, STARTING, slot_counts
 
 
 def register_gauges(app: FastAPI) -> None:
@@ -88,3 +89,20 @@ def register_gauges(app: FastAPI) -> None:
             return [({"status": s.value}, float(n)) for s, n in rows.all()]
 
     m.async_gauge("ccgate_sessions", "Sessions by status", ["status"], by_status)
+
+    async def pool_size() -> list[tuple[dict[str, str], float]]:
+        async with state.db_factory() as db:
+            counts = await slot_counts(db)
+        profiles = [p.name for p in state.sessions.pool_profiles]
+        return [
+            ({"profile": name, "status": status}, float(counts.get((name, status), 0)))
+            for name in profiles
+            for status in (READY, STARTING)
+        ]
+
+    m.async_gauge(
+        "ccgate_pool_containers",
+        "Unclaimed warm-pool containers by profile and status (ready: CLI initialized)",
+        ["profile", "status"],
+        pool_size,
+    )

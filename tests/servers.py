@@ -218,10 +218,12 @@ class _GatewayAddress:
 class GatewayServer(_GatewayAddress):
     """The real gateway app under uvicorn in a background thread."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, port: int | None = None) -> None:
+        """``port``: listen there (a restarted gateway takes its predecessor's port, which
+        running containers use for the model proxy and the MCP tools)."""
         from gateway.main import create_app
 
-        self.port = free_port()
+        self.port = port or free_port()
         # Containers call the gateway (ccgate MCP tools) through the host gateway address.
         if settings.container_gateway_url is None:
             settings.container_gateway_url = f"http://host.docker.internal:{self.port}"

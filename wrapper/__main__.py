@@ -13,7 +13,6 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -58,9 +57,9 @@ async def amain() -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    def client(url: str = config.redis_url) -> aioredis.Redis:
+    def client() -> aioredis.Redis:
         return aioredis.Redis.from_url(
-            url,
+            config.redis_url,
             socket_connect_timeout=5,
             # Above the 2 s BLPOP timeout of the input and control loops.
             socket_timeout=15,
@@ -70,13 +69,13 @@ async def amain() -> int:
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
 
-    main, blocking_input, blocking_control = client(config.redis_url), client(), client()
+    main, blocking_input, blocking_control = client(), client(), client()
     try:
         spec = await wait_for_spec(main, config.session_id, stop)
         if spec is None:
             return 0
         if spec.pooled:
-            return await _serve_pooled(config, spec, stop, client, (main, blocking_input))
+            return await _serve_pooled(config, spec, stop, (main, blocking_input, blocking_control))
         publisher = EventPublisher(main, config.session_id, outbox=Outbox(config.state_dir))
         while True:
             try:
@@ -128,19 +127,18 @@ async def _serve_pooled(
     config: WrapperConfig,
     profile: SessionSpec,
     stop: asyncio.Event,
-    client: Callable[[str], aioredis.Redis],
-    slot_clients: tuple[aioredis.Redis, aioredis.Redis],
+    clients: tuple[aioredis.Redis, aioredis.Redis, aioredis.Redis],
 ) -> int:
-    """Warm pool: start the CLI for ``profile``, report ready, wait for a claim, then serve
-    the claimed session with its own Redis login (the slot's is dropped)."""
-    slot_main, slot_blocking = slot_clients
+    """Warm pool: start the CLI for ``profile``, report ready, wait for the claim, then serve
+    the session (whose id this container already carries)."""
+    main, blocking_input, blocking_control = clients
     runner = SessionRunner(
         config,
         profile,
         publisher=PendingEvents(),
-        input_redis=slot_blocking,
-        control_redis=slot_blocking,
-        state_redis=slot_main,
+        input_redis=blocking_input,
+        control_redis=blocking_control,
+        state_redis=main,
     )
     started = time.monotonic()
     try:
@@ -149,39 +147,31 @@ async def _serve_pooled(
         logger.error("warm-pool CLI did not start: %s", exc)
         return 1
     ready = json.dumps({"ready_ms": int((time.monotonic() - started) * 1000)})
-    await slot_main.rpush(pool_ready_key(config.session_id), ready)
-    claim = await wait_for_claim(slot_blocking, config.session_id, runner, stop)
+    await main.rpush(pool_ready_key(config.session_id), ready)
+    claim = await wait_for_claim(blocking_input, config.session_id, runner, stop)
     if claim is None:
         await runner.stop_cli()
         return 0 if stop.is_set() else 1
     spec = SessionSpec.from_json(claim.spec)
-    main, blocking_input, blocking_control = (client(claim.redis_url) for _ in range(3))
-    try:
-        publisher = EventPublisher(main, claim.session_id, outbox=Outbox(config.state_dir))
-        while True:
-            try:
-                await publisher.start()
-                break
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                logger.warning("waiting for redis: %s", exc)
-                await asyncio.sleep(0.5)
-        runner.bind(
-            spec,
-            publisher=publisher,
-            input_redis=blocking_input,
-            control_redis=blocking_control,
-            state_redis=main,
-            claimed_at=claim.claimed_at,
-        )
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, runner.request_stop)
-        if stop.is_set():
-            runner.request_stop()
-        return await runner.run()
-    finally:
-        for c in (main, blocking_input, blocking_control):
-            await c.aclose()
+    if claim.session_id != config.session_id or spec.session_id != config.session_id:
+        logger.error("claim for another session (%s) refused", claim.session_id)
+        await runner.stop_cli()
+        return 1
+    publisher = EventPublisher(main, config.session_id, outbox=Outbox(config.state_dir))
+    while True:
+        try:
+            await publisher.start()
+            break
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            logger.warning("waiting for redis: %s", exc)
+            await asyncio.sleep(0.5)
+    runner.bind(spec, publisher=publisher, claimed_at=claim.claimed_at)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, runner.request_stop)
+    if stop.is_set():
+        runner.request_stop()
+    return await runner.run()
 
 
 def main() -> None:

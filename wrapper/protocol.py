@@ -90,6 +90,12 @@ def redis_username(session_id: str) -> str:
     return f"ccgate-session-{session_id}"
 
 
+def pool_claims_key(profile: str) -> str:
+    """Counter of a warm pool's claims in the last minute (expires 60 s after the first): the
+    pool grows towards its max_size while claims are frequent. Outside session prefixes."""
+    return f"{KEY_PREFIX}:pool:{profile}:recent-claims"
+
+
 def lease_key(name: str) -> str:
     """A gateway-wide lease (string: the holder's id, with a TTL): one replica at a time runs
     the task ``name``. Outside every session's key prefix, so no container can touch it."""
@@ -260,14 +266,14 @@ class SessionSpec:
 
 @dataclass(frozen=True)
 class Claim:
-    """Binds a warm-pool container to a session (JSON pushed on :func:`claim_key`).
+    """Binds a warm-pool container to its session (JSON pushed on :func:`claim_key`).
 
-    ``redis_url`` logs in as the session's own ACL user (the slot's user is then deleted);
-    ``spec`` is the session's SessionSpec JSON (its CLI flags equal the pool profile's);
-    ``claimed_at`` (Unix time) lets ``ready`` report ``claim_ms``."""
+    The container was started under the id its session takes, so its Redis login, keys,
+    volumes and labels are already the session's; ``spec`` is the session's SessionSpec JSON
+    (its CLI flags equal the pool profile's; per-session settings such as turn timeouts come
+    from it); ``claimed_at`` (Unix time) lets ``ready`` report ``claim_ms``."""
 
     session_id: str
-    redis_url: str
     spec: str
     claimed_at: float
 
@@ -281,7 +287,6 @@ class Claim:
         obj = json.loads(raw)
         return cls(
             session_id=str(obj["session_id"]),
-            redis_url=str(obj["redis_url"]),
             spec=str(obj["spec"]),
             claimed_at=float(obj["claimed_at"]),
         )

@@ -16,8 +16,6 @@ import asyncio
 import contextlib
 import logging
 
-import redis.asyncio as aioredis
-
 from wrapper.control import ControlLoops, _write_shared
 from wrapper.protocol import (
     EventType,
@@ -40,25 +38,13 @@ class SessionRunner(ControlLoops):
 
     # ----------------------------------------------------------------------------- main
 
-    def bind(
-        self,
-        spec: SessionSpec,
-        *,
-        publisher: EventPublisher,
-        input_redis: aioredis.Redis,
-        control_redis: aioredis.Redis,
-        state_redis: aioredis.Redis,
-        claimed_at: float,
-    ) -> None:
-        """Warm pool: make this prestarted runner serve the session of a claim. Events kept
+    def bind(self, spec: SessionSpec, *, publisher: EventPublisher, claimed_at: float) -> None:
+        """Warm pool: make this prestarted runner serve its claimed session. Events kept
         since the launch are replayed on the session's publisher first; ``ready`` follows
         from ``run()`` with ``pooled: true`` and ``claim_ms``."""
         pending = self._events
         self._spec = spec
         self._events = publisher
-        self._input_redis = input_redis
-        self._control_redis = control_redis
-        self._state_redis = state_redis
         self._claimed_at = claimed_at
         if isinstance(pending, PendingEvents):
             pending.replay_into(publisher)

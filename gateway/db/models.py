@@ -144,6 +144,27 @@ class Session(SQLModel, table=True):
     paused with a prompt waiting); None otherwise."""
 
 
+class PoolSlot(SQLModel, table=True):
+    """A warm-pool container not yet claimed: its id is the session id it will serve (the
+    container, its volumes, its Redis keys and ACL user are already named for it). Claiming
+    deletes the row and inserts the session with the same id in one transaction."""
+
+    __tablename__ = "pool_slot"
+
+    id: str = Field(primary_key=True, max_length=36)
+    profile: str = Field(index=True, max_length=32)
+    fingerprint: str = Field(index=True, max_length=64)
+    """SHA-256 of what the container runs (warm_pool.container_fingerprint)."""
+    status: str = Field(default="starting", max_length=16)
+    """``starting`` (being created, not claimable) or ``ready`` (CLI initialized)."""
+    container_id: str | None = Field(default=None, max_length=80)
+    proxy_key_hash: str = Field(max_length=64)
+    """SHA-256 of the model-proxy credential in the container's environment; the claiming
+    session takes it over."""
+    created_at: datetime = _ts(nullable=False, default=utcnow)
+    ready_at: datetime | None = _ts(nullable=True)
+
+
 class SpawnTree(SQLModel, table=True):
     """Counters of one session tree (a root and every session spawned under it).
 

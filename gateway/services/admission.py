@@ -70,9 +70,13 @@ async def lock(db: AsyncSession) -> None:
         await db.exec(select(func.pg_advisory_xact_lock(_LOCK_KEY)))
 
 
-async def check_capacity(db: AsyncSession, owner: str, limits: Limits) -> None:
+async def check_capacity(
+    db: AsyncSession, owner: str, limits: Limits, *, memory: bool = True
+) -> None:
     """Raise AdmissionRefused unless one more live session of ``owner`` fits. Call it in the
-    transaction that makes the session live, after :func:`lock`."""
+    transaction that makes the session live, after :func:`lock`. ``memory=False`` leaves out
+    the host memory reserve (:func:`check_memory`: a session taking a warm-pool container
+    starts none)."""
     if limits.max_live:
         live = await _count_live(db, None)
         if live >= limits.max_live:
@@ -93,6 +97,12 @@ async def check_capacity(db: AsyncSession, owner: str, limits: Limits) -> None:
                 limit="max_live_sessions_per_user",
                 retry_after_s=limits.retry_after_s,
             )
+    if memory:
+        check_memory(limits)
+
+
+def check_memory(limits: Limits) -> None:
+    """Raise AdmissionRefused while the host's available memory is below the reserve."""
     if limits.memory_reserve_mib:
         free = available_memory_mib()
         if free is not None and free < limits.memory_reserve_mib:

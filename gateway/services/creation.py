@@ -18,6 +18,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.auth import Principal
 from gateway.db.models import (
+    PoolSlot,
     Session,
     SessionStatus,
     SpawnTree,
@@ -33,7 +34,8 @@ from gateway.schemas import SessionConfig, SessionCreate, SpawnRequest
 from gateway.services import admission, tree
 from gateway.services.callbacks import resolve_callback
 from gateway.services.metering.credentials import new_proxy_key
-from gateway.services.provision import Provisioning, session_spec, workspace_volume_name
+from gateway.services.pool_claim import PoolClaims
+from gateway.services.provision import session_spec, workspace_volume_name
 from gateway.services.session_base import logger
 from gateway.services.turns import TurnOps
 from wrapper.protocol import EventType
@@ -52,7 +54,7 @@ class _NewSession:
     callback_url: str | None = None
 
 
-class Creation(Provisioning, TurnOps):
+class Creation(PoolClaims, TurnOps):
     """Roots, children through POST /sessions, and spawns: one path, all-or-nothing."""
 
     async def create_session(
@@ -124,8 +126,15 @@ class Creation(Provisioning, TurnOps):
         spec = session_spec(self.settings, session)
         started = time.monotonic()
         try:
-            await self._make_volumes(session, parent)
-            await self._start_container(db, session, spec, proxy_key, name=f"ccgate-{session.id}")
+            if proxy_key is None:  # a warm-pool container was claimed
+                self.wake_pool()
+                if not await self._bind_claimed(session, spec):
+                    proxy_key = await self._unclaim(db, session)
+            if proxy_key is not None:
+                await self._make_volumes(session, parent)
+                await self._start_container(
+                    db, session, spec, proxy_key, name=f"ccgate-{session.id}"
+                )
             self.metrics.container_start_seconds.observe(time.monotonic() - started)
             self.ledger.track(session.id)
             if new.prompt is not None:
@@ -143,17 +152,40 @@ class Creation(Provisioning, TurnOps):
 
     async def _insert(
         self, db: AsyncSession, new: _NewSession, *, queue: bool
-    ) -> tuple[Session, str]:
+    ) -> tuple[Session, str | None]:
         """Insert the row (with the tree's admission) after the admission check: ``starting``,
-        or ``queued`` when over a limit and ``queue``. Returns it and its model credential."""
+        or ``queued`` when over a limit and ``queue``. Returns it and its model credential —
+        None when it claimed a warm-pool container (warm_pool.py: the session takes the
+        slot's id, container and credential, in this same transaction)."""
         parent = new.parent
         if parent is not None and not parent.status.live:
             raise Conflict(f"parent session {parent.id} is {parent.status.value}")
         await admission.lock(db)
         status = SessionStatus.STARTING
         ahead = 0
+        slot: PoolSlot | None = None
+        limits = self.settings.admission_limits()
+        cfg = new.config
+        session_budget = cfg.session_budget_usd or self.settings.session_budget_usd
+        tree_budget = (
+            None if parent is not None else cfg.max_budget_usd or self.settings.tree_budget_usd
+        )
+        stored = cfg.model_dump(mode="json") | {
+            "model": cfg.model or self.settings.default_model,
+            "permission_mode": (
+                cfg.permission_mode.value
+                if cfg.permission_mode
+                else self.settings.default_permission_mode
+            ),
+            "max_budget_usd": tree_budget,
+            "session_budget_usd": session_budget,
+        }
         try:
-            await admission.check_capacity(db, new.owner, self.settings.admission_limits())
+            await admission.check_capacity(db, new.owner, limits, memory=False)
+            if self.pool_profiles:
+                slot = await self._claim_slot(db, new.workspace_type, stored)
+            if slot is None:
+                admission.check_memory(limits)
         except AdmissionRefused:
             if not queue or new.prompt is not None:
                 await db.rollback()
@@ -166,8 +198,7 @@ class Creation(Provisioning, TurnOps):
                     .where(col(Session.queue_position).is_not(None))
                 )
             ).one()
-        sid = str(uuid.uuid4())
-        cfg = new.config
+        sid = slot.id if slot is not None else str(uuid.uuid4())
         if new.workspace_type is WorkspaceType.INHERIT and parent is not None:
             volume = parent.workspace_volume
         else:
@@ -185,24 +216,18 @@ class Creation(Provisioning, TurnOps):
             depth=parent.depth + 1 if parent else 0,
             callback_url=new.callback_url,
         )
-        proxy_key, session.proxy_key_hash = new_proxy_key()
-        session.budget_usd = cfg.session_budget_usd or self.settings.session_budget_usd
-        tree_budget = None
+        proxy_key: str | None
+        if slot is not None:
+            proxy_key, session.proxy_key_hash = None, slot.proxy_key_hash
+            session.container_id = slot.container_id
+        else:
+            proxy_key, session.proxy_key_hash = new_proxy_key()
+        session.budget_usd = session_budget
         if parent is not None:
             await tree.admit_child(db, parent=parent, limits=self._limits())
         else:
-            tree_budget = cfg.max_budget_usd or self.settings.tree_budget_usd
             db.add(SpawnTree(root_id=sid, owner=new.owner, budget_usd=tree_budget))
-        session.config = cfg.model_dump(mode="json") | {
-            "model": cfg.model or self.settings.default_model,
-            "permission_mode": (
-                cfg.permission_mode.value
-                if cfg.permission_mode
-                else self.settings.default_permission_mode
-            ),
-            "max_budget_usd": tree_budget,
-            "session_budget_usd": session.budget_usd,
-        }
+        session.config = stored
         session.idle_timeout_s = (
             cfg.idle_timeout_s
             if cfg.idle_timeout_s is not None

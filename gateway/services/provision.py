@@ -132,40 +132,54 @@ class Provisioning(ServiceBase):
             proxy_url = grant.url
         labels = {LABEL_SESSION: sid, LABEL_OWNER: owner}
         info = await self.runtime.start(
-            ContainerSpec(
+            self.container_spec(
                 name=name,
-                image=self.settings.image,
-                env=self._container_env(sid, env, username, password, proxy_key, proxy_url),
                 labels=labels,
-                mounts=[
-                    VolumeMount(session.workspace_volume, WORKSPACE_MOUNT),
-                    VolumeMount(config_volume_name(sid), CONFIG_MOUNT),
-                ],
-                network=(
-                    open_network(self.settings)
-                    if egress.get("policy") == "open"
-                    else self.settings.docker_network
-                ),
-                memory=self.settings.container_memory,
-                cpus=self.settings.container_cpus,
-                pids=self.settings.container_pids,
-                nofile=self.settings.container_nofile,
-                extra_hosts=self.settings.container_extra_hosts,
-                cap_add=WRAPPER_CAPS,
-                runtime=self.settings.container_runtime,
-                read_only=True,
-                tmpfs=session_tmpfs(
-                    self.settings.container_tmp_mib,
-                    self.settings.container_home_mib,
-                    self.settings.container_state_mib,
-                ),
+                env=self.container_env(sid, env, username, password, proxy_key, proxy_url),
+                workspace_volume=session.workspace_volume,
+                config_volume=config_volume_name(sid),
+                open_egress=egress.get("policy") == "open",
             )
         )
         session.container_id = info.id
         db.add(session)
         await db.commit()
 
-    def _container_env(
+    def container_spec(
+        self,
+        *,
+        name: str,
+        labels: dict[str, str],
+        env: dict[str, str],
+        workspace_volume: str,
+        config_volume: str,
+        open_egress: bool = False,
+    ) -> ContainerSpec:
+        """A session container, hardened the same way whether it starts cold or in a warm
+        pool: read-only root, tmpfs, the wrapper's few capabilities, limits, the runtime."""
+        s = self.settings
+        return ContainerSpec(
+            name=name,
+            image=s.image,
+            env=env,
+            labels=labels,
+            mounts=[
+                VolumeMount(workspace_volume, WORKSPACE_MOUNT),
+                VolumeMount(config_volume, CONFIG_MOUNT),
+            ],
+            network=open_network(s) if open_egress else s.docker_network,
+            memory=s.container_memory,
+            cpus=s.container_cpus,
+            pids=s.container_pids,
+            nofile=s.container_nofile,
+            extra_hosts=s.container_extra_hosts,
+            cap_add=WRAPPER_CAPS,
+            runtime=s.container_runtime,
+            read_only=True,
+            tmpfs=session_tmpfs(s.container_tmp_mib, s.container_home_mib, s.container_state_mib),
+        )
+
+    def container_env(
         self,
         sid: str,
         user_env: dict[str, str],

@@ -37,7 +37,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.auth import mint_token
 from gateway.db.errors import is_outage
-from gateway.db.models import Session, SessionStatus, Turn, TurnStatus, as_utc, utcnow
+from gateway.db.models import PoolSlot, Session, SessionStatus, Turn, TurnStatus, as_utc, utcnow
 from gateway.errors import DependencyUnavailable
 from gateway.services import session_redis
 from gateway.services.container_deaths import DeathWatch
@@ -125,6 +125,11 @@ class Reaper:
         volumes = await self._runtime.list_managed_volumes()
         mentioned = set(by_session) | {v.get(LABEL_SESSION, "") for v in volumes.values()}
         async with self._db() as db:
+            # Warm-pool slots are the pool manager's. Read before the sessions: a claim turns a
+            # slot into a session in one commit, so each id is seen as one or the other.
+            slots = set(
+                (await db.exec(select(PoolSlot.id).where(col(PoolSlot.id).in_(mentioned)))).all()
+            )
             # Open sessions and those the engine mentions, not the whole history; by id, so
             # two replicas' reapers take tree locks in the same order.
             rows = (
@@ -146,6 +151,8 @@ class Reaper:
                 ).all()
             )
         for sid, found in by_session.items():
+            if sid in slots and sid not in sessions:
+                continue
             session = sessions.get(sid)
             if session is not None and sid in collecting:
                 continue  # the collector still copies files out of it (then removes it)
@@ -200,7 +207,8 @@ class Reaper:
                 done["tokens_renewed"] += 1
         for name, labels in volumes.items():
             per_session = name.startswith(("ccgate-ws-", "ccgate-cfg-"))
-            if per_session and labels.get(LABEL_SESSION) not in sessions:
+            owner = labels.get(LABEL_SESSION)
+            if per_session and owner not in sessions and owner not in slots:
                 await self._runtime.remove_volume(name)
                 done["volumes_removed"] += 1
         return done

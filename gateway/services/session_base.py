@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -29,6 +29,9 @@ from gateway.services.ledger import Ledger
 from gateway.services.network import SessionsNetwork
 from gateway.services.runtime import ContainerRuntime
 from wrapper.protocol import EventType
+
+if TYPE_CHECKING:  # warm_pool imports the services built on this base
+    from gateway.services.warm_pool import Profile
 
 logger = logging.getLogger("gateway.services.sessions")
 
@@ -59,6 +62,10 @@ class ServiceBase:
     it across replicas on PostgreSQL; SQLite deployments are one process)."""
     wake_lifecycle: Callable[[str], None] = field(default=lambda sid: None)
     """Tell the lifecycle loop a session waits for admission (set at start-up)."""
+    pool_profiles: list[Profile] = field(default_factory=list)
+    """The warm pools (warm_pool.py); empty: every session starts cold."""
+    wake_pool: Callable[[], None] = field(default=lambda: None)
+    """Tell the pool manager a container was claimed (set at start-up)."""
 
     def __post_init__(self) -> None:
         if self.network is None:

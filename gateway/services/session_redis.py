@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -16,15 +18,19 @@ from gateway.errors import DependencyUnavailable
 from gateway.services.envelopes import sign_notice
 from wrapper.protocol import (
     LEDGER_GROUP,
+    Claim,
     ControlMessage,
     ControlType,
     EventType,
     SessionSpec,
     TurnRequest,
+    claim_key,
     control_key,
     events_key,
     input_key,
     live_channel,
+    pool_claims_key,
+    pool_ready_key,
     redis_username,
     session_prefix,
     spec_key,
@@ -64,16 +70,31 @@ def acl_password(secret: str, session_id: str) -> str:
     return hmac.new(secret.encode(), f"redis-acl:{session_id}".encode(), hashlib.sha256).hexdigest()
 
 
-async def ensure_acl_user(client: aioredis.Redis, session_id: str, password: str) -> bool:
-    """Create the session's ACL user if it is missing; True when it had to be created."""
+async def ensure_acl_user(
+    client: aioredis.Redis, session_id: str, password: str, *, pool: bool = False
+) -> bool:
+    """Create the session's ACL user if it is missing (``pool``: with a warm-pool container's
+    readiness right); True when it had to be created."""
     with redis_errors():
         if await client.acl_getuser(redis_username(session_id)) is not None:
             return False
-        await _set_acl_user(client, session_id, password)
+        await _set_acl_user(client, session_id, password, pool=pool)
     return True
 
 
-async def _set_acl_user(client: aioredis.Redis, session_id: str, password: str) -> None:
+async def count_claim(client: aioredis.Redis, profile: str) -> None:
+    """Count a claim of ``profile`` in the last-minute counter (best effort)."""
+    key = pool_claims_key(profile)
+    with suppress(RedisError, OSError):
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 60, nx=True)
+            await pipe.execute()
+
+
+async def _set_acl_user(
+    client: aioredis.Redis, session_id: str, password: str, *, pool: bool = False
+) -> None:
     prefix = session_prefix(session_id)
     await client.acl_setuser(
         redis_username(session_id),
@@ -84,6 +105,9 @@ async def _set_acl_user(client: aioredis.Redis, session_id: str, password: str) 
         channels=[f"{prefix}*"],
         categories=["-@all"],
         commands=list(SESSION_COMMANDS),
+        # A warm-pool container reports readiness with RPUSH on that one key (a selector:
+        # Redis >= 7.0); it may not push onto its own input or control lists.
+        selectors=[("+rpush", pool_ready_key(session_id))] if pool else None,
     )
 
 
@@ -119,7 +143,7 @@ async def provision(
         if acl_secret is None:
             return None, None
         password = acl_password(acl_secret, sid)
-        await _set_acl_user(client, sid, password)
+        await _set_acl_user(client, sid, password, pool=spec.pooled)
         return redis_username(sid), password
 
 
@@ -148,7 +172,40 @@ async def purge(client: aioredis.Redis, session_id: str) -> None:
             control_key(session_id),
             events_key(session_id),
             token_key(session_id),
+            claim_key(session_id),
+            pool_ready_key(session_id),
         )
+
+
+async def push_claim(client: aioredis.Redis, claim: Claim) -> None:
+    """Hand a warm-pool container its session (the wrapper BLPOPs the claim key)."""
+    with redis_errors():
+        await client.rpush(claim_key(claim.session_id), claim.to_json())
+
+
+async def wait_claim_taken(client: aioredis.Redis, session_id: str, timeout_s: float) -> bool:
+    """Poll (every 2 ms) until the pool container took its claim; False after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    with redis_errors():
+        while await client.llen(claim_key(session_id)):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.002)
+    return True
+
+
+async def drop_claim(client: aioredis.Redis, session_id: str) -> None:
+    """Delete a claim no container took."""
+    with redis_errors():
+        await client.delete(claim_key(session_id))
+
+
+async def wait_pool_ready(client: aioredis.Redis, slot_id: str, timeout_s: float) -> bool:
+    """Wait for a warm-pool container's wrapper to report its CLI ready; False on timeout.
+    ``client`` must allow a blocking read of ``timeout_s`` (socket timeout above it)."""
+    with redis_errors():
+        item = await client.blpop([pool_ready_key(slot_id)], timeout=timeout_s)
+    return item is not None
 
 
 async def push_turn(client: aioredis.Redis, session_id: str, request: TurnRequest) -> None:

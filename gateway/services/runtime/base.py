@@ -15,6 +15,7 @@ LABEL_WORKSPACE = "ccgate.workspace"
 LABEL_DEPLOYMENT = "ccgate.deployment"  # the deployment that owns it (one engine, many)
 # Short-lived helper containers (volume copies); the reaper skips them.
 LABEL_HELPER = "ccgate.helper"
+LABEL_POOL = "ccgate.pool"  # a warm-pool container: its profile (its session label: its slot id)
 
 FileSink = Callable[[IO[bytes], int], None]
 """Blocking consumer of an exported file: ``sink(reader, size_bytes)``, called in a worker
