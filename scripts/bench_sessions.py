@@ -1,9 +1,13 @@
-"""Session benchmark: start-to-ready, chat-to-first-event and whole-turn latency through ccgate.
+"""Session benchmark: cold start, warm-pool claim, a burst of creates, chat and turn latency.
 
 Runs real servers (Redis, PostgreSQL, the scripted model, the gateway) on this machine and, for
 each of N sessions, measures with a WebSocket client:
 
-  ready        POST /sessions sent -> ``ready`` event received
+  ready        POST /sessions sent -> ``ready`` event received; cold (no pool), then warm (a
+               pool of 10: each create claims an initialized container; the pool is refilled
+               between creates, outside the timed part)
+  burst        10 concurrent creates with 10 ready pool containers: each create's POST ->
+               ready, and the whole burst's last ready
   first_event  POST /chat sent -> first event of that turn received (``turn_started``)
   turn         POST /chat sent -> ``turn_completed`` received (a Write tool turn: two model calls)
 
@@ -11,7 +15,7 @@ Baseline, measured in the same run: the same image driven without ccgate, the wa
 loop would (``docker run -i`` + the CLI on stdin): container start -> CLI ``initialize`` answer,
 and a user line -> ``result`` for the same scripted turn. Prints p50/p95/p99 and ratios.
 
-Usage: .venv/bin/python scripts/bench_sessions.py [--sessions 20]
+Usage: .venv/bin/python scripts/bench_sessions.py [--sessions 20] [--bursts 3]
 """
 
 from __future__ import annotations
@@ -20,26 +24,28 @@ import argparse
 import asyncio
 import json
 import secrets
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.auth import mint_token
-from gateway.config import Settings
+from gateway.config import PoolProfile, Settings
 from scripted_model import ScriptedModelServer
 from tests.servers import GatewayServer, PostgresServer, RedisServer
 
 IMAGE = "ccgate-session:latest"
 PROMPT = "write bench.txt benchmark"
+POOL_SIZE = 10
+JWT_SECRET = secrets.token_urlsafe(32)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -57,22 +63,54 @@ def row(name: str, values: list[float], baseline: list[float] | None = None) -> 
     return cells
 
 
-async def bench_gateway(gateway: GatewayServer, n: int) -> dict[str, list[float]]:
-    """Measure N sessions through the gateway, one after another."""
+async def _ready(ws: ClientConnection) -> dict[str, object]:
+    while True:
+        event = json.loads(await ws.recv())
+        if event.get("type") == "ready":
+            return dict(event["data"])
+
+
+async def _pool_ready(http: httpx.AsyncClient, at_least: int) -> None:
+    """Wait until the pool has ``at_least`` ready containers (read from /metrics)."""
+    deadline = time.monotonic() + 120
+    while True:
+        text = (await http.get("/metrics")).text
+        ready = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("ccgate_pool_containers{") and 'status="ready"' in line
+        )
+        if ready >= at_least:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the pool never reached {at_least} ready containers")
+        await asyncio.sleep(0.05)
+
+
+async def bench_gateway(
+    gateway: GatewayServer, n: int, *, pooled: bool = False
+) -> dict[str, list[float]]:
+    """Measure N sessions through the gateway, one after another (with ``pooled``, each
+    create waits, untimed, for a full pool first)."""
     token = mint_token(key=gateway.app.state.jwt_key, user="bench", ttl_s=3600)
     headers = {"Authorization": f"Bearer {token}"}
     out: dict[str, list[float]] = {"ready": [], "first_event": [], "turn": []}
     async with httpx.AsyncClient(base_url=gateway.url, headers=headers, timeout=120) as http:
         for _ in range(n):
+            if pooled:
+                await _pool_ready(http, POOL_SIZE)
             t0 = time.perf_counter()
             r = await http.post("/api/v1/sessions", json={})
             r.raise_for_status()
             sid = r.json()["session_id"]
             url = f"{gateway.ws_url}/api/v1/sessions/{sid}/stream?token={token}"
             async with connect(url, max_size=None) as ws:
-                while json.loads(await ws.recv()).get("type") != "ready":
-                    pass
+                ready = await _ready(ws)
+                if pooled != bool(ready.get("pooled")):
+                    raise RuntimeError(f"expected pooled={pooled}: {ready}")
                 out["ready"].append((time.perf_counter() - t0) * 1000)
+                if pooled:  # the refill behind the claim would compete for the 2 cores
+                    await _pool_ready(http, POOL_SIZE)
                 t1 = time.perf_counter()
                 r = await http.post(f"/api/v1/sessions/{sid}/chat", json={"prompt": PROMPT})
                 mid = r.json()["message_id"]
@@ -88,6 +126,35 @@ async def bench_gateway(gateway: GatewayServer, n: int) -> dict[str, list[float]
                         break
                 out["first_event"].append(first or 0.0)
             await http.delete(f"/api/v1/sessions/{sid}")
+    return out
+
+
+async def bench_burst(gateway: GatewayServer, bursts: int) -> dict[str, list[float]]:
+    """``bursts`` times: wait for a full pool, then 10 concurrent creates; each create's POST ->
+    ready, and each burst's first POST -> last ready."""
+    token = mint_token(key=gateway.app.state.jwt_key, user="burst", ttl_s=3600)
+    headers = {"Authorization": f"Bearer {token}"}
+    out: dict[str, list[float]] = {"each": [], "all": [], "pooled": []}
+    async with httpx.AsyncClient(base_url=gateway.url, headers=headers, timeout=120) as http:
+        for _ in range(bursts):
+            await _pool_ready(http, POOL_SIZE)
+            t0 = time.perf_counter()
+
+            async def one(t0: float) -> tuple[str, float, bool]:
+                r = await http.post("/api/v1/sessions", json={})
+                r.raise_for_status()
+                sid = r.json()["session_id"]
+                url = f"{gateway.ws_url}/api/v1/sessions/{sid}/stream?token={token}"
+                async with connect(url, max_size=None) as ws:
+                    ready = await _ready(ws)
+                return sid, (time.perf_counter() - t0) * 1000, bool(ready.get("pooled"))
+
+            results = await asyncio.gather(*(one(t0) for _ in range(POOL_SIZE)))
+            out["each"] += [ms for _, ms, _ in results]
+            out["all"].append(max(ms for _, ms, _ in results))
+            out["pooled"].append(sum(1 for *_, p in results if p))
+            for sid, _, _ in results:
+                await http.delete(f"/api/v1/sessions/{sid}")
     return out
 
 
@@ -131,41 +198,78 @@ def bench_bare(model_port: int, n: int) -> dict[str, list[float]]:
 
 
 def main() -> None:
-    """Run both measurements and print the table."""
+    """Run every measurement and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--bursts", type=int, default=3)
     args = parser.parse_args()
     redis_server = RedisServer().start()
     postgres = PostgresServer().start()
     model = ScriptedModelServer(host="0.0.0.0", port=0).start()
-    settings = Settings(
-        data_dir=Path(tempfile.mkdtemp(prefix="ccgate-bench-")),
-        jwt_secret=secrets.token_urlsafe(32),
-        database_url=postgres.url,
-        redis_url=redis_server.url,
-        anthropic_base_url=f"http://127.0.0.1:{model.port}",
-        anthropic_api_key="sk-ant-bench",
-        rate_limit="",  # the benchmark is one user firing as fast as it can
-        image=IMAGE,
-    )
-    gateway = GatewayServer(settings).start()
+
+    def settings(**extra: Any) -> Settings:
+        return Settings(
+            data_dir=Path(tempfile.mkdtemp(prefix="ccgate-bench-")),
+            jwt_secret=JWT_SECRET,
+            database_url=postgres.url,
+            redis_url=redis_server.url,
+            anthropic_base_url=f"http://127.0.0.1:{model.port}",
+            anthropic_api_key="sk-ant-bench",
+            rate_limit="",  # the benchmark is one user firing as fast as it can
+            image=IMAGE,
+            **extra,
+        )
+
     try:
         bare = bench_bare(model.port, args.sessions)
-        via = asyncio.run(bench_gateway(gateway, args.sessions))
+        gateway = GatewayServer(settings()).start()
+        try:
+            cold = asyncio.run(bench_gateway(gateway, args.sessions))
+        finally:
+            gateway.stop()
+        pool = [PoolProfile(name="bench", min_size=POOL_SIZE)]
+        gateway = GatewayServer(settings(warm_pool=pool, warm_pool_refill_concurrency=4)).start()
+        try:
+            warm = asyncio.run(bench_gateway(gateway, args.sessions, pooled=True))
+            burst = asyncio.run(bench_burst(gateway, args.bursts))
+        finally:
+            gateway.stop()
+            _remove_pool(gateway.settings.deployment_id)
     finally:
-        gateway.stop()
         model.stop()
         postgres.stop()
         redis_server.stop()
-    print(f"\n{args.sessions} sessions, sequential; milliseconds")
-    print(f"{'measure':<34} {'p50':>8} {'p95':>8} {'p99':>8}   p50 vs baseline")
+    print(f"\n{args.sessions} sessions each, sequential; {args.bursts} bursts of {POOL_SIZE}; ms")
+    print(f"{'measure':<40} {'p50':>8} {'p95':>8} {'p99':>8}   p50 vs baseline")
     print(row("baseline: docker run -> CLI ready", bare["ready"]))
-    print(row("ccgate: POST /sessions -> ready", via["ready"], bare["ready"]))
-    print(row("ccgate: chat -> first event (WS)", via["first_event"]))
+    print(row("cold: POST /sessions -> ready", cold["ready"], bare["ready"]))
+    print(row("warm: POST /sessions -> ready (claim)", warm["ready"], bare["ready"]))
+    print(row("burst of 10: each POST -> ready", burst["each"], bare["ready"]))
+    print(row("burst of 10: first POST -> last ready", burst["all"], bare["ready"]))
+    print(row("cold session: chat -> first event (WS)", cold["first_event"]))
+    print(row("warm session: chat -> first event (WS)", warm["first_event"]))
     print(row("baseline: bare CLI turn (stdin)", bare["turn"]))
-    print(row("ccgate: chat -> turn_completed", via["turn"], bare["turn"]))
-    means = {k: statistics.mean(v) for k, v in via.items()}
-    print(f"(ccgate means: ready {means['ready']:.0f} ms, turn {means['turn']:.0f} ms)")
+    print(row("cold session: chat -> turn_completed", cold["turn"], bare["turn"]))
+    print(row("warm session: chat -> turn_completed", warm["turn"], bare["turn"]))
+    print(f"(bursts served from the pool: {burst['pooled']} of {POOL_SIZE} each)")
+
+
+def _remove_pool(deployment: str) -> None:
+    """Remove the pool containers and volumes the pooled gateway leaves (a deployment keeps
+    them across restarts; the benchmark's ends here)."""
+    subprocess.run(
+        f"docker ps -aq --filter label=ccgate.pool --filter label=ccgate.deployment={deployment}"
+        " | xargs -r docker rm -f",
+        shell=True,
+        check=False,
+        capture_output=True,
+    )
+    subprocess.run(
+        "docker volume ls -q --filter label=ccgate.pool | xargs -r docker volume rm -f",
+        shell=True,
+        check=False,
+        capture_output=True,
+    )
 
 
 if __name__ == "__main__":

@@ -144,6 +144,7 @@ class CliLife(RunnerState):
         args = build_cli_args(
             self._spec, claude_bin=self._config.claude_bin, resume=resume, extra_mcp_servers=extra
         )
+        launched = time.monotonic()
         try:
             uid = self._config.cli_uid
             env = cli_environment()
@@ -163,7 +164,9 @@ class CliLife(RunnerState):
                 f"no answer to initialize ({type(exc).__name__}); "
                 f"stderr: {' | '.join(list(self._cli.stderr_tail)[-3:])}"
             ) from exc
+        logger.info("claude answered initialize in %.0f ms", (time.monotonic() - launched) * 1000)
         mcp = await self._wait_for_mcp() if (extra or self._spec.mcp_servers) else {}
+        logger.info("claude ready in %.0f ms (mcp: %s)", (time.monotonic() - launched) * 1000, mcp)
         return {
             "cli_pid": self._cli.pid,
             "cli_session_id": self._cli_session_id,
@@ -191,7 +194,7 @@ class CliLife(RunnerState):
             }
             if "pending" not in statuses.values() or loop.time() > deadline:
                 return statuses
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
 
     async def _control_request(
         self, subtype: str, fields: dict[str, Any], *, timeout_s: float

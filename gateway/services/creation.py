@@ -131,9 +131,9 @@ class Creation(PoolClaims, TurnOps):
                 if not await self._bind_claimed(session, spec):
                     proxy_key = await self._unclaim(db, session)
             if proxy_key is not None:
-                await self._make_volumes(session, parent)
+                login = await self._prepare(session, spec, parent)
                 await self._start_container(
-                    db, session, spec, proxy_key, name=f"ccgate-{session.id}"
+                    db, session, spec, proxy_key, name=f"ccgate-{session.id}", login=login
                 )
             self.metrics.container_start_seconds.observe(time.monotonic() - started)
             self.ledger.track(session.id)

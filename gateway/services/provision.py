@@ -3,6 +3,7 @@ and their removal (all-or-nothing on create)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 from urllib.parse import urlsplit
@@ -98,6 +99,36 @@ class Provisioning(ServiceBase):
                 )
         await self.runtime.create_volume(config_volume_name(sid), labels)
 
+    async def _provision_login(
+        self, session: Session, spec: SessionSpec
+    ) -> tuple[str | None, str | None]:
+        """The session's spec, token, ledger group and ACL user in Redis (one round trip);
+        returns the container's Redis (username, password). Raises DependencyUnavailable."""
+        ttl = self.settings.session_token_ttl_s
+        token = mint_token(
+            key=self.jwt_key, user=session.owner, ttl_s=ttl, session_scope=session.id
+        )
+        return await session_redis.provision(
+            self.redis,
+            spec,
+            acl_secret=self.jwt_key if self.settings.session_redis_acl else None,
+            token=token,
+            token_ttl_s=ttl,
+        )
+
+    async def _prepare(
+        self, session: Session, spec: SessionSpec, parent: Session | None
+    ) -> tuple[str | None, str | None]:
+        """Volumes and Redis login at once (a cold start); a failure cancels the other and
+        is raised as itself. Returns the login."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._make_volumes(session, parent))
+                login = group.create_task(self._provision_login(session, spec))
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+        return login.result()
+
     async def _start_container(
         self,
         db: AsyncSession,
@@ -106,21 +137,15 @@ class Provisioning(ServiceBase):
         proxy_key: str,
         *,
         name: str,
+        login: tuple[str | None, str | None] | None = None,
     ) -> None:
-        """Make the session's Redis login (spec, token, ACL user), its egress proxy if any,
-        and start its container on the existing volumes; commits ``container_id``. The
-        container's model credential is ``proxy_key``, valid only through the model proxy."""
+        """Make the session's Redis login (spec, token, ACL user) unless ``login`` (from
+        :meth:`_provision_login`) is given, its egress proxy if any, and start its container on
+        the existing volumes; commits ``container_id``. The container's model credential is
+        ``proxy_key``, valid only through the model proxy."""
         sid, owner = session.id, session.owner
         env: dict[str, str] = dict(session.config.get("env") or {})
-        ttl = self.settings.session_token_ttl_s
-        token = mint_token(key=self.jwt_key, user=owner, ttl_s=ttl, session_scope=sid)
-        username, password = await session_redis.provision(
-            self.redis,
-            spec,
-            acl_secret=self.jwt_key if self.settings.session_redis_acl else None,
-            token=token,
-            token_ttl_s=ttl,
-        )
+        username, password = login or await self._provision_login(session, spec)
         assert self.network is not None and self.egress is not None
         await self.network.ensure()
         egress = session.config.get("egress") or {}

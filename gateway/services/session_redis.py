@@ -92,22 +92,28 @@ async def count_claim(client: aioredis.Redis, profile: str) -> None:
             await pipe.execute()
 
 
+def _acl_rules(session_id: str, password: str, *, pool: bool = False) -> dict[str, Any]:
+    """ACL SETUSER arguments of a session's user (redis-py's keyword form)."""
+    prefix = session_prefix(session_id)
+    return {
+        "enabled": True,
+        "reset": True,
+        "passwords": [f"+{password}"],
+        "keys": [f"{prefix}*"],
+        "channels": [f"{prefix}*"],
+        "categories": ["-@all"],
+        "commands": list(SESSION_COMMANDS),
+        # A warm-pool container reports readiness with RPUSH on that one key (a selector:
+        # Redis >= 7.0); it may not push onto its own input or control lists.
+        "selectors": [("+rpush", pool_ready_key(session_id))] if pool else None,
+    }
+
+
 async def _set_acl_user(
     client: aioredis.Redis, session_id: str, password: str, *, pool: bool = False
 ) -> None:
-    prefix = session_prefix(session_id)
     await client.acl_setuser(
-        redis_username(session_id),
-        enabled=True,
-        reset=True,
-        passwords=[f"+{password}"],
-        keys=[f"{prefix}*"],
-        channels=[f"{prefix}*"],
-        categories=["-@all"],
-        commands=list(SESSION_COMMANDS),
-        # A warm-pool container reports readiness with RPUSH on that one key (a selector:
-        # Redis >= 7.0); it may not push onto its own input or control lists.
-        selectors=[("+rpush", pool_ready_key(session_id))] if pool else None,
+        redis_username(session_id), **_acl_rules(session_id, password, pool=pool)
     )
 
 
@@ -135,16 +141,23 @@ async def provision(
     Raises DependencyUnavailable("redis", ...).
     """
     sid = spec.session_id
+    password = acl_password(acl_secret, sid) if acl_secret is not None else None
     with redis_errors():
-        await client.set(spec_key(sid), spec.to_json())
-        if token is not None:
-            await client.set(token_key(sid), token, ex=token_ttl_s)
-        await ensure_ledger_group(client, sid)
-        if acl_secret is None:
-            return None, None
-        password = acl_password(acl_secret, sid)
-        await _set_acl_user(client, sid, password, pool=spec.pooled)
-        return redis_username(sid), password
+        # One round trip: the writes do not depend on each other.
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.set(spec_key(sid), spec.to_json())
+            if token is not None:
+                pipe.set(token_key(sid), token, ex=token_ttl_s)
+            pipe.xgroup_create(events_key(sid), LEDGER_GROUP, id="0", mkstream=True)
+            if password is not None:
+                pipe.acl_setuser(redis_username(sid), **_acl_rules(sid, password, pool=spec.pooled))
+            replies = await pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+                raise reply
+    if password is None:
+        return None, None
+    return redis_username(sid), password
 
 
 async def ensure_ledger_group(client: aioredis.Redis, session_id: str) -> None:

@@ -8,8 +8,7 @@ import contextlib
 import uuid
 from typing import Any
 
-from sqlalchemy import exists, insert, literal, update
-from sqlalchemy import select as sa_select
+from sqlalchemy import insert, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, delete, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -48,9 +47,9 @@ class TurnOps(ServiceBase):
         """Queue a prompt (also while starting or running: turns run in arrival order); on a
         paused session, resume it (a new container continues the conversation).
 
-        The turn is inserted only if the session is still open, in one statement under the
-        tree's lock, so a concurrent stop either sees it (and cancels it) or refuses it
-        (Conflict): no turn is left queued forever. A paused or queued session's prompt is
+        The turn is inserted only if the session is still open (one UPDATE checks and touches
+        it under the tree's lock), so a concurrent stop either sees it (and cancels it) or
+        refuses it (Conflict): no turn is left queued forever. A paused or queued session's prompt is
         not pushed to Redis here: its start re-pushes every queued turn from the database, in
         order. A paused session that has no room to resume (AdmissionRefused, 429) keeps the
         prompt only with ``queue`` (it resumes when room frees); a user over
@@ -60,34 +59,32 @@ class TurnOps(ServiceBase):
         turn = Turn(id=str(uuid.uuid4()), session_id=session.id, prompt=prompt)
         await tree.lock_tree(db, session.root_id)
         now = utcnow()
-        added = await db.exec(
-            insert(Turn).from_select(
-                ["id", "session_id", "prompt", "status", "created_at", "timeout_s"],
-                sa_select(
-                    literal(turn.id, _TURN.c.id.type),
-                    literal(session.id, _TURN.c.session_id.type),
-                    literal(prompt, _TURN.c.prompt.type),
-                    literal(TurnStatus.QUEUED, _TURN.c.status.type),
-                    literal(now, _TURN.c.created_at.type),
-                    literal(timeout_s, _TURN.c.timeout_s.type),
-                ).where(
-                    exists().where(
-                        col(Session.id) == session.id, col(Session.status).in_(tree.OPEN)
-                    )
-                ),
+        # One statement checks the session is open, touches it and reads its status under the
+        # tree's lock: a pause either committed before (paused) or waits for us (and then sees
+        # this turn and does not pause); a stop either sees the turn or we see it ended.
+        status = (
+            await db.exec(
+                update(Session)
+                .where(col(Session.id) == session.id, col(Session.status).in_(tree.OPEN))
+                .values(last_activity=now)
+                .returning(col(Session.status))
             )
-        )
-        if added.rowcount != 1:
+        ).scalar_one_or_none()
+        if status is None:
             await db.rollback()
             current = await db.get(Session, session.id, populate_existing=True)
             state = current.status.value if current else "deleted"
             raise Conflict(f"session {session.id} is {state}; create a new session to chat")
         await db.exec(
-            update(Session).where(col(Session.id) == session.id).values(last_activity=now)
+            insert(Turn).values(
+                id=turn.id,
+                session_id=session.id,
+                prompt=prompt,
+                status=TurnStatus.QUEUED,
+                created_at=now,
+                timeout_s=timeout_s,
+            )
         )
-        # Read under the same lock: a pause either committed before (paused) or waits for us
-        # (and then sees this turn and does not pause).
-        status = (await db.exec(select(Session.status).where(col(Session.id) == session.id))).one()
         await db.commit()
         turn.created_at = now
         try:

@@ -256,3 +256,55 @@ async def test_pool_containers_count_against_the_live_limit(
         await api.http.aclose()
         gateway.stop()
         _remove_pool(docker_client, deployment)
+
+
+async def test_two_replicas_claiming_at_once_never_share_a_container(
+    tmp_path: Path,
+    redis_server: RedisContainer,
+    postgres_server: PostgresContainer,
+    s3_server: S3Container,
+    scripted_model: ScriptedModelServer,
+    docker_client: docker.DockerClient,
+) -> None:
+    """Two replicas of one deployment (PostgreSQL of its own) and a pool of 6: 12 concurrent
+    creates, half through each replica. Every session gets a container of its own, and the
+    claims handed out are exactly the pool's."""
+    database = postgres_server.new_database()
+    replicas: list[GatewayServer] = []
+    apis: list[Api] = []
+    try:
+        for name in ("a", "b"):
+            settings = full_stack_settings(
+                tmp_path / name,
+                redis_server,
+                postgres_server,
+                s3_server,
+                scripted_model,
+                database_url=database,
+                warm_pool=[PoolProfile(name="default", min_size=6)],
+                warm_pool_refill_concurrency=3,
+            )
+            replicas.append(GatewayServer(settings).start())
+        user = f"test-{uuid.uuid4().hex[:8]}"
+        apis = [Api(r, user) for r in replicas]
+        await pool_ready(apis[0], 6)
+        responses = await asyncio.gather(
+            *(apis[n % 2].http.post("/api/v1/sessions", json={}) for n in range(12))
+        )
+        assert [r.status_code for r in responses] == [201] * 12, [r.text for r in responses]
+        sids = [r.json()["session_id"] for r in responses]
+        readies = await asyncio.gather(*(ready_event(apis[0], sid) for sid in sids))
+        assert sum(1 for e in readies if e.get("pooled")) == 6, readies
+        ids = [docker_client.containers.get(f"ccgate-{sid}").id for sid in sids]
+        assert len(set(ids)) == 12
+        answers = await asyncio.gather(*(chat(apis[1], sid, f"echo {sid}") for sid in sids))
+        assert [a["result"] for a in answers] == [f"Echo: echo {sid}" for sid in sids]
+        for sid in sids:
+            await apis[0].http.delete(f"/api/v1/sessions/{sid}")
+    finally:
+        for api in apis:
+            await api.http.aclose()
+        for replica in replicas:
+            replica.stop()
+        if replicas:
+            _remove_pool(docker_client, replicas[0].settings.deployment_id)
