@@ -49,10 +49,10 @@ class TurnOps(ServiceBase):
 
         The turn is inserted only if the session is still open (one UPDATE checks and touches
         it under the tree's lock), so a concurrent stop either sees it (and cancels it) or
-        refuses it (Conflict): no turn is left queued forever. A paused or queued session's prompt is
-        not pushed to Redis here: its start re-pushes every queued turn from the database, in
-        order. A paused session that has no room to resume (AdmissionRefused, 429) keeps the
-        prompt only with ``queue`` (it resumes when room frees); a user over
+        refuses it (Conflict): no turn is left queued forever. A paused or queued session's
+        prompt is not pushed to Redis here: its start re-pushes every queued turn from the
+        database, in order. A paused session that has no room to resume (AdmissionRefused,
+        429) keeps the prompt only with ``queue`` (it resumes when room frees); a user over
         ``max_active_turns_per_user`` is refused the same way.
         """
         await admission.check_turns(db, session.owner, self.settings.admission_limits())
