@@ -28,10 +28,13 @@ POOL = "ccgate.pool"
 
 
 def _remove_pool(client: docker.DockerClient, deployment: str) -> None:
-    for container in client.containers.list(
-        all=True, filters={"label": [POOL, f"ccgate.deployment={deployment}"]}
-    ):
+    """Remove what the deployment's pools hold (a stopped gateway leaves its pool containers
+    for the next process to claim; a test's deployment ends with it)."""
+    labels = {"label": [POOL, f"ccgate.deployment={deployment}"]}
+    for container in client.containers.list(all=True, filters=labels):
         container.remove(force=True)
+    for volume in client.volumes.list(filters=labels):
+        volume.remove(force=True)
 
 
 @pytest.fixture(scope="module")

@@ -37,10 +37,12 @@ from wrapper.publisher import EventPublisher
 async def engine(
     request: pytest.FixtureRequest, tmp_path: Path, postgres_server: PostgresContainer
 ) -> AsyncIterator[AsyncEngine]:
+    # A database of its own: the session-scoped e2e gateway's ledger, on the shared one, would
+    # otherwise track these sessions too and consume their entries with its own settings.
     url = (
         f"sqlite+aiosqlite:///{tmp_path}/ledger.db"
         if request.param == "sqlite"
-        else postgres_server.url
+        else postgres_server.new_database()
     )
     eng = make_engine(url)
     await migrate(eng)
