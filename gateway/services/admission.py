@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from sqlalchemy import func
+from sqlalchemy import ColumnElement, func, true
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -113,6 +113,24 @@ def check_memory(limits: Limits) -> None:
                 limit="host_memory_reserve_mib",
                 retry_after_s=limits.retry_after_s,
             )
+
+
+def turns_below_limit(owner: str, limits: Limits) -> ColumnElement[bool]:
+    """SQL condition: ``owner`` has fewer queued + running prompts than the limit (always
+    true without one); embedded in the turn's INSERT."""
+    if not limits.max_active_turns_per_user:
+        return true()
+    active = (
+        select(func.count())
+        .select_from(Turn)
+        .join(Session, col(Session.id) == col(Turn.session_id))
+        .where(
+            col(Session.owner) == owner,
+            col(Turn.status).in_([TurnStatus.QUEUED, TurnStatus.RUNNING]),
+        )
+        .scalar_subquery()
+    )
+    return active < limits.max_active_turns_per_user
 
 
 async def check_turns(db: AsyncSession, owner: str, limits: Limits) -> None:

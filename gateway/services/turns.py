@@ -8,7 +8,8 @@ import contextlib
 import uuid
 from typing import Any
 
-from sqlalchemy import insert, update
+from sqlalchemy import insert, literal, update
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, delete, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -55,7 +56,7 @@ class TurnOps(ServiceBase):
         429) keeps the prompt only with ``queue`` (it resumes when room frees); a user over
         ``max_active_turns_per_user`` is refused the same way.
         """
-        await admission.check_turns(db, session.owner, self.settings.admission_limits())
+        limits = self.settings.admission_limits()
         turn = Turn(id=str(uuid.uuid4()), session_id=session.id, prompt=prompt)
         await tree.lock_tree(db, session.root_id)
         now = utcnow()
@@ -75,16 +76,30 @@ class TurnOps(ServiceBase):
             current = await db.get(Session, session.id, populate_existing=True)
             state = current.status.value if current else "deleted"
             raise Conflict(f"session {session.id} is {state}; create a new session to chat")
-        await db.exec(
-            insert(Turn).values(
-                id=turn.id,
-                session_id=session.id,
-                prompt=prompt,
-                status=TurnStatus.QUEUED,
-                created_at=now,
-                timeout_s=timeout_s,
+        # The user's active-prompt limit is checked by the insert itself (no extra round
+        # trip); only a refusal counts again, to say how many.
+        added = await db.exec(
+            insert(Turn).from_select(
+                ["id", "session_id", "prompt", "status", "created_at", "timeout_s"],
+                sa_select(
+                    literal(turn.id, _TURN.c.id.type),
+                    literal(session.id, _TURN.c.session_id.type),
+                    literal(prompt, _TURN.c.prompt.type),
+                    literal(TurnStatus.QUEUED, _TURN.c.status.type),
+                    literal(now, _TURN.c.created_at.type),
+                    literal(timeout_s, _TURN.c.timeout_s.type),
+                ).where(admission.turns_below_limit(session.owner, limits)),
             )
         )
+        if added.rowcount != 1:
+            await db.rollback()
+            await admission.check_turns(db, session.owner, limits)
+            raise AdmissionRefused(
+                "you have reached the maximum of prompts queued or running per user "
+                f"(CCGATE_MAX_ACTIVE_TURNS_PER_USER={limits.max_active_turns_per_user})",
+                limit="max_active_turns_per_user",
+                retry_after_s=limits.retry_after_s,
+            )
         await db.commit()
         turn.created_at = now
         try:

@@ -151,3 +151,45 @@ async def test_a_silent_turn_is_flagged_once(users: list[Api]) -> None:
             assert time.monotonic() < deadline
     assert len(notices) == 1, notices
     assert notices[0]["message_id"] == message_id and notices[0]["silent_s"] >= 2
+
+
+async def test_over_the_active_prompt_limit_a_chat_is_refused_and_nothing_is_kept(
+    tmp_path: Path,
+    redis_server: RedisContainer,
+    postgres_server: PostgresContainer,
+    s3_server: S3Container,
+    scripted_model: ScriptedModelServer,
+    docker_client: docker.DockerClient,
+) -> None:
+    """max_active_turns_per_user=2: a running and a queued prompt fill it; the third chat is
+    429 naming the setting (checked inside the turn's INSERT), and no turn row is left."""
+    settings = full_stack_settings(
+        tmp_path, redis_server, postgres_server, s3_server, scripted_model,
+        database_url=None, max_active_turns_per_user=2,
+    )  # fmt: skip
+    gateway = GatewayServer(settings).start()
+    api = Api(gateway, f"test-{uuid.uuid4().hex[:8]}")
+    try:
+        sid = (await _create(api)).json()["session_id"]
+        for prompt in ("slow 4", "echo queued"):
+            r = await api.http.post(f"/api/v1/sessions/{sid}/chat", json={"prompt": prompt})
+            assert r.status_code == 202, r.text
+        refused = await api.http.post(f"/api/v1/sessions/{sid}/chat", json={"prompt": "no"})
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["code"] == "admission_refused"
+        assert "CCGATE_MAX_ACTIVE_TURNS_PER_USER=2" in refused.json()["detail"]
+        # Once they finish there is room again; the refused prompt left no turn behind.
+        await _until(api, sid, "idle", timeout_s=60)
+        deadline = time.monotonic() + 30
+        while (await api.http.get(f"/api/v1/sessions/{sid}")).json()["total_turns"] != 2:
+            assert time.monotonic() < deadline, "the two turns were never recorded"
+            await asyncio.sleep(0.2)
+        done = await api.http.post(
+            f"/api/v1/sessions/{sid}/chat", json={"prompt": "echo again", "stream": False}
+        )
+        assert done.json()["result"] == "Echo: echo again", done.text
+        assert (await api.http.get(f"/api/v1/sessions/{sid}")).json()["total_turns"] == 3
+        await api.http.delete(f"/api/v1/sessions/{sid}")
+    finally:
+        await api.http.aclose()
+        gateway.stop()
