@@ -38,14 +38,15 @@ from websockets.asyncio.client import ClientConnection, connect
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.auth import mint_token
-from gateway.config import PoolProfile, Settings
+from gateway.config import Settings
 from scripted_model import ScriptedModelServer
-from tests.servers import GatewayServer, PostgresServer, RedisServer
+from tests.servers import GatewayProcess, PostgresServer, RedisServer
 
 IMAGE = "ccgate-session:latest"
 PROMPT = "write bench.txt benchmark"
 POOL_SIZE = 10
 JWT_SECRET = secrets.token_urlsafe(32)
+JWT_KEY = Settings(jwt_secret=JWT_SECRET).jwt_key()  # type: ignore[arg-type]
 
 
 def pct(values: list[float], p: float) -> float:
@@ -88,11 +89,11 @@ async def _pool_ready(http: httpx.AsyncClient, at_least: int) -> None:
 
 
 async def bench_gateway(
-    gateway: GatewayServer, n: int, *, pooled: bool = False
+    gateway: GatewayProcess, n: int, *, pooled: bool = False
 ) -> dict[str, list[float]]:
     """Measure N sessions through the gateway, one after another (with ``pooled``, each
     create waits, untimed, for a full pool first)."""
-    token = mint_token(key=gateway.app.state.jwt_key, user="bench", ttl_s=3600)
+    token = mint_token(key=JWT_KEY, user="bench", ttl_s=3600)
     headers = {"Authorization": f"Bearer {token}"}
     out: dict[str, list[float]] = {"ready": [], "first_event": [], "turn": []}
     async with httpx.AsyncClient(base_url=gateway.url, headers=headers, timeout=120) as http:
@@ -129,10 +130,10 @@ async def bench_gateway(
     return out
 
 
-async def bench_burst(gateway: GatewayServer, bursts: int) -> dict[str, list[float]]:
+async def bench_burst(gateway: GatewayProcess, bursts: int) -> dict[str, list[float]]:
     """``bursts`` times: wait for a full pool, then 10 concurrent creates; each create's POST ->
     ready, and each burst's first POST -> last ready."""
-    token = mint_token(key=gateway.app.state.jwt_key, user="burst", ttl_s=3600)
+    token = mint_token(key=JWT_KEY, user="burst", ttl_s=3600)
     headers = {"Authorization": f"Bearer {token}"}
     out: dict[str, list[float]] = {"each": [], "all": [], "pooled": []}
     async with httpx.AsyncClient(base_url=gateway.url, headers=headers, timeout=120) as http:
@@ -207,34 +208,36 @@ def main() -> None:
     postgres = PostgresServer().start()
     model = ScriptedModelServer(host="0.0.0.0", port=0).start()
 
-    def settings(**extra: Any) -> Settings:
-        return Settings(
-            data_dir=Path(tempfile.mkdtemp(prefix="ccgate-bench-")),
-            jwt_secret=JWT_SECRET,
-            database_url=postgres.url,
-            redis_url=redis_server.url,
-            anthropic_base_url=f"http://127.0.0.1:{model.port}",
-            anthropic_api_key="sk-ant-bench",
-            rate_limit="",  # the benchmark is one user firing as fast as it can
-            image=IMAGE,
+    def settings(**extra: Any) -> dict[str, object]:
+        return {
+            "data_dir": tempfile.mkdtemp(prefix="ccgate-bench-"),
+            "jwt_secret": JWT_SECRET,
+            "database_url": postgres.url,
+            "redis_url": redis_server.url,
+            "anthropic_base_url": f"http://127.0.0.1:{model.port}",
+            "anthropic_api_key": "sk-ant-bench",
+            "rate_limit": "",  # the benchmark is one user firing as fast as it can
+            "image": IMAGE,
             **extra,
-        )
+        }
 
+    # The gateway runs as its own process (``ccgate serve``), like a deployment: a gateway in a
+    # thread of this process would share its GIL with the measuring client.
     try:
         bare = bench_bare(model.port, args.sessions)
-        gateway = GatewayServer(settings()).start()
+        gateway = GatewayProcess(settings()).start()
         try:
             cold = asyncio.run(bench_gateway(gateway, args.sessions))
         finally:
             gateway.stop()
-        pool = [PoolProfile(name="bench", min_size=POOL_SIZE)]
-        gateway = GatewayServer(settings(warm_pool=pool, warm_pool_refill_concurrency=4)).start()
+        pool = json.dumps([{"name": "bench", "min_size": POOL_SIZE}])
+        gateway = GatewayProcess(settings(warm_pool=pool, warm_pool_refill_concurrency=4)).start()
         try:
             warm = asyncio.run(bench_gateway(gateway, args.sessions, pooled=True))
             burst = asyncio.run(bench_burst(gateway, args.bursts))
         finally:
             gateway.stop()
-            _remove_pool(gateway.settings.deployment_id)
+            _remove_pool(Settings(**settings()).deployment_id)  # type: ignore[arg-type]
     finally:
         model.stop()
         postgres.stop()

@@ -20,7 +20,7 @@ from scripted_model import ScriptedModelServer
 from tests.conftest import Api, full_stack_settings
 from tests.containers import PostgresContainer, RedisContainer, S3Container
 from tests.e2e.helpers import collect_until
-from tests.servers import GatewayServer
+from tests.servers import GatewayServer, RedisServer
 
 pytestmark = pytest.mark.e2e
 
@@ -311,3 +311,64 @@ async def test_two_replicas_claiming_at_once_never_share_a_container(
             replica.stop()
         if replicas:
             _remove_pool(docker_client, replicas[0].settings.deployment_id)
+
+
+async def test_after_a_redis_restart_the_pool_serves_again(
+    tmp_path: Path,
+    postgres_server: PostgresContainer,
+    s3_server: S3Container,
+    scripted_model: ScriptedModelServer,
+    docker_client: docker.DockerClient,
+) -> None:
+    """Redis restarts (its data kept, its ACL users lost): the pool manager re-creates the
+    pool containers' Redis users, their wrappers log in again, and a claim still gets an
+    initialized container — not a 3 s timeout and a cold start."""
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    redis = RedisServer(data_dir=str(redis_dir)).start()
+    settings = full_stack_settings(
+        tmp_path / "gw",
+        redis,  # type: ignore[arg-type]
+        postgres_server,
+        s3_server,
+        scripted_model,
+        database_url=None,
+        warm_pool=[PoolProfile(name="default", min_size=2)],
+    )
+    gateway = GatewayServer(settings).start()
+    api = Api(gateway, f"test-{uuid.uuid4().hex[:8]}")
+    try:
+        await pool_ready(api, 2)
+        redis.stop()
+        redis = RedisServer(port=redis.port, password=redis.password, data_dir=str(redis_dir))
+        redis.start()
+        restored = 0
+        deadline = time.monotonic() + 30
+        while restored < 2:  # the reconcile runs every 5 s
+            assert time.monotonic() < deadline, "the pool's ACL users were not re-created"
+            users = await asyncio.to_thread(_acl_users, redis)
+            restored = sum(1 for u in users if u.startswith("ccgate-session-"))
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(3)  # the wrappers' retry loops log in again
+        r = await api.http.post("/api/v1/sessions", json={})
+        assert r.status_code == 201, r.text
+        sid = r.json()["session_id"]
+        ready = await ready_event(api, sid)
+        assert ready.get("pooled") is True, ready
+        assert (await chat(api, sid, "echo after restart"))["result"] == "Echo: echo after restart"
+        await api.http.delete(f"/api/v1/sessions/{sid}")
+    finally:
+        await api.http.aclose()
+        gateway.stop()
+        redis.stop()
+        _remove_pool(docker_client, settings.deployment_id)
+
+
+def _acl_users(redis: RedisServer) -> list[str]:
+    import redis as redis_py
+
+    client = redis_py.Redis.from_url(redis.url)
+    try:
+        return [u if isinstance(u, str) else u.decode() for u in client.acl_users()]
+    finally:
+        client.close()
