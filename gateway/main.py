@@ -220,6 +220,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.pool = pool
         app.state.sessions.pool_profiles = profiles
         app.state.sessions.wake_pool = pool.wake
+        deaths.on_pool_death = pool.reconcile_soon
         supervisor.start("warm-pool", pool.run)
         app.state.lifecycle = lifecycle
         app.state.loop = asyncio.get_running_loop()

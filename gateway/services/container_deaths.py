@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -34,7 +35,7 @@ from gateway.errors import DependencyUnavailable
 from gateway.metrics import Metrics
 from gateway.services.envelopes import notice_key, sign_notice
 from gateway.services.runtime import ContainerRuntime
-from gateway.services.runtime.base import LABEL_HELPER, LABEL_SESSION
+from gateway.services.runtime.base import LABEL_HELPER, LABEL_POOL, LABEL_SESSION
 from gateway.services.session_redis import notify, redis_errors
 from wrapper.protocol import (
     APPEND_AND_PUBLISH_SCRIPT,
@@ -131,6 +132,8 @@ class DeathWatch:
         self._db = db_factory
         self._key = notice_key(jwt_key)
         self._metrics = metrics
+        self.on_pool_death: Callable[[], None] = lambda: None
+        """Called when a warm-pool container dies (the pool manager replaces it at once)."""
 
     async def run(self) -> None:
         """Follow the engine's event stream forever (run it under the Supervisor: a lost
@@ -143,6 +146,8 @@ class DeathWatch:
             sid = death.labels.get(LABEL_SESSION)
             if not sid or LABEL_HELPER in death.labels:
                 continue
+            if LABEL_POOL in death.labels and death.action == "die":
+                self.on_pool_death()  # unclaimed: the pool's; claimed: a session's as well
             if death.action == "oom":
                 await self._report_oom(sid, death.container_id)
                 continue

@@ -3,9 +3,9 @@
 See warm_pool.py for the design. Here: which creates may claim (an empty workspace and a
 config whose container fingerprint equals a profile's), the claim inside the creating
 transaction, and the binding after its commit: the session's spec and token are written under
-the id the container already carries, the Claim is pushed, and the container must take it
-within ``CLAIM_TAKEN_TIMEOUT_S`` — a container that died or hung meanwhile is removed and the
-session starts cold instead (never an error for the client).
+the id the container already carries, the Claim is pushed, and the container must publish its
+first event within ``CLAIM_TAKEN_TIMEOUT_S`` — a container that died or hung meanwhile is
+removed and the session starts cold instead (never an error for the client).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from gateway.services.provision import Provisioning, session_spec
 from wrapper.protocol import Claim, SessionSpec
 
 CLAIM_TAKEN_TIMEOUT_S = 3.0
-"""How long a claimed container has to take its claim (it waits on it in BLPOP: normally
-well under a millisecond)."""
+"""How long a claimed container has to take its claim and publish its first event (it waits
+on the claim in BLPOP: normally a few milliseconds)."""
 
 
 class PoolClaims(Provisioning):
@@ -56,7 +56,7 @@ class PoolClaims(Provisioning):
 
     async def _bind_claimed(self, session: Session, spec: SessionSpec) -> bool:
         """Hand the claimed container its session: spec, token, then the Claim. True once
-        the container took it; False if it did not within CLAIM_TAKEN_TIMEOUT_S.
+        the container published its first event; False if not within CLAIM_TAKEN_TIMEOUT_S.
         Raises DependencyUnavailable("redis", ...)."""
         ttl = self.settings.session_token_ttl_s
         token = mint_token(
@@ -77,10 +77,12 @@ class PoolClaims(Provisioning):
         new model credential and no container (committed); returns the credential for the
         cold start that follows."""
         self.metrics.pool_misses.labels(reason="dead").inc()
-        await self._remove_resources(session, quiet=True)
-        await session_redis.drop_claim(self.redis, session.id)
+        # Forget the container first: its death is then not this session's (the death watch
+        # would otherwise close the session's stream as a crash and pause it).
         proxy_key, session.proxy_key_hash = new_proxy_key()
         session.container_id = None
         db.add(session)
         await db.commit()
+        await self._remove_resources(session, quiet=True)
+        await session_redis.drop_claim(self.redis, session.id)
         return proxy_key

@@ -75,6 +75,11 @@ class PoolManager:
         """Refill now (a container was just claimed)."""
         self._woken.set()
 
+    def reconcile_soon(self) -> None:
+        """Reconcile at the next tick, now (a pool container died)."""
+        self._ticks = 0
+        self._woken.set()
+
     async def run(self) -> None:
         """Tick forever; on the way out, refills in flight are cancelled and cleaned up and
         the lease is given up."""

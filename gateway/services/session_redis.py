@@ -197,10 +197,12 @@ async def push_claim(client: aioredis.Redis, claim: Claim) -> None:
 
 
 async def wait_claim_taken(client: aioredis.Redis, session_id: str, timeout_s: float) -> bool:
-    """Poll (every 2 ms) until the pool container took its claim; False after ``timeout_s``."""
+    """Poll (every 2 ms) until the claimed pool container published its first event — proof
+    that its wrapper is alive and bound (an empty claim list is not: Redis hands a BLPOP'd item
+    to a frozen client too); False after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     with redis_errors():
-        while await client.llen(claim_key(session_id)):
+        while not await client.xlen(events_key(session_id)):
             if time.monotonic() > deadline:
                 return False
             await asyncio.sleep(0.002)

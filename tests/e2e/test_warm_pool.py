@@ -205,6 +205,39 @@ async def test_a_dead_pool_container_is_never_handed_out(
     assert not alive & {c.id for c in pooled}
 
 
+async def test_a_hung_pool_container_is_given_up_and_the_session_starts_cold(
+    api: Api, pool_gateway: GatewayServer, docker_client: docker.DockerClient
+) -> None:
+    """A frozen container (``docker pause``: alive to Docker, deaf to its claim) is claimed,
+    does not take the claim in 3 s, is removed, and the create still succeeds — cold."""
+    await pool_ready(api, 2)
+    deployment = pool_gateway.settings.deployment_id
+    frozen = docker_client.containers.list(
+        filters={"label": [POOL, f"ccgate.deployment={deployment}"]}
+    )
+    for container in frozen:
+        container.pause()
+    dead = await metric(api, "ccgate_pool_misses_total", reason="dead")
+    started = time.monotonic()
+    r = await api.http.post("/api/v1/sessions", json={})
+    assert r.status_code == 201, r.text
+    assert time.monotonic() - started > 2.5  # it waited for the claim, then started cold
+    sid = r.json()["session_id"]
+    ready = await ready_event(api, sid)
+    assert "pooled" not in ready, ready
+    assert await metric(api, "ccgate_pool_misses_total", reason="dead") == dead + 1
+    assert (await chat(api, sid, "echo thawed"))["result"] == "Echo: echo thawed"
+    # Both frozen containers are gone (the claimed one with its claim, the other as dead).
+    deadline = time.monotonic() + 30
+    while True:
+        left = {c.id for c in docker_client.containers.list(all=True)} & {c.id for c in frozen}
+        if not left:
+            break
+        assert time.monotonic() < deadline, f"frozen pool containers left: {left}"
+        await asyncio.sleep(0.5)
+    await pool_ready(api, 2)
+
+
 async def test_pool_containers_count_against_the_live_limit(
     tmp_path: Path,
     redis_server: RedisContainer,
