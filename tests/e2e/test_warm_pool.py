@@ -4,6 +4,7 @@ refills, heals and respects limits (real Docker, the real CLI, scripted model)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 import uuid
@@ -31,10 +32,13 @@ def _remove_pool(client: docker.DockerClient, deployment: str) -> None:
     """Remove what the deployment's pools hold (a stopped gateway leaves its pool containers
     for the next process to claim; a test's deployment ends with it)."""
     labels = {"label": [POOL, f"ccgate.deployment={deployment}"]}
-    for container in client.containers.list(all=True, filters=labels):
-        container.remove(force=True)
+    # Sparse: no per-container inspect, which races with removals still under way.
+    for container in client.containers.list(all=True, filters=labels, sparse=True):
+        with contextlib.suppress(docker.errors.NotFound):
+            container.remove(force=True)
     for volume in client.volumes.list(filters=labels):
-        volume.remove(force=True)
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            volume.remove(force=True)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +184,7 @@ async def test_a_dead_pool_container_is_never_handed_out(
     await pool_ready(api, 2)
     deployment = pool_gateway.settings.deployment_id
     pooled = docker_client.containers.list(
-        filters={"label": [POOL, f"ccgate.deployment={deployment}"]}
+        filters={"label": [POOL, f"ccgate.deployment={deployment}"]}, sparse=True
     )
     for container in pooled:
         container.kill()
@@ -199,7 +203,7 @@ async def test_a_dead_pool_container_is_never_handed_out(
     alive = {
         c.id
         for c in docker_client.containers.list(
-            filters={"label": [POOL, f"ccgate.deployment={deployment}"]}
+            filters={"label": [POOL, f"ccgate.deployment={deployment}"]}, sparse=True
         )
     }
     assert not alive & {c.id for c in pooled}
@@ -213,7 +217,7 @@ async def test_a_hung_pool_container_is_given_up_and_the_session_starts_cold(
     await pool_ready(api, 2)
     deployment = pool_gateway.settings.deployment_id
     frozen = docker_client.containers.list(
-        filters={"label": [POOL, f"ccgate.deployment={deployment}"]}
+        filters={"label": [POOL, f"ccgate.deployment={deployment}"]}, sparse=True
     )
     for container in frozen:
         container.pause()
@@ -230,7 +234,8 @@ async def test_a_hung_pool_container_is_given_up_and_the_session_starts_cold(
     # Both frozen containers are gone (the claimed one with its claim, the other as dead).
     deadline = time.monotonic() + 30
     while True:
-        left = {c.id for c in docker_client.containers.list(all=True)} & {c.id for c in frozen}
+        listed = docker_client.containers.list(all=True, sparse=True)
+        left = {c.id for c in listed} & {c.id for c in frozen}
         if not left:
             break
         assert time.monotonic() < deadline, f"frozen pool containers left: {left}"
@@ -261,8 +266,11 @@ async def test_pool_containers_count_against_the_live_limit(
     deployment = settings.deployment_id
 
     def containers() -> list[Any]:
+        """Running containers of the deployment (sparse: no inspect racing a removal)."""
         return list(
-            docker_client.containers.list(filters={"label": f"ccgate.deployment={deployment}"})
+            docker_client.containers.list(
+                filters={"label": f"ccgate.deployment={deployment}"}, sparse=True
+            )
         )
 
     gateway = GatewayServer(settings).start()
@@ -275,7 +283,7 @@ async def test_pool_containers_count_against_the_live_limit(
         assert (await ready_event(api, sid))["pooled"] is True
         await asyncio.sleep(2)
         assert len(containers()) == 3
-        before = {c.id for c in containers() if POOL in c.labels} - {
+        before = {c.id for c in containers() if POOL in c.attrs["Labels"]} - {
             docker_client.containers.get(f"ccgate-{sid}").id
         }
         await api.http.aclose()
