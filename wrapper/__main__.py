@@ -76,14 +76,7 @@ async def amain() -> int:
             return 0
         if spec.pooled:
             return await _serve_pooled(config, spec, stop, (main, blocking_input, blocking_control))
-        publisher = EventPublisher(main, config.session_id, outbox=Outbox(config.state_dir))
-        while True:
-            try:
-                await publisher.start()
-                break
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                logger.warning("waiting for redis: %s", exc)
-                await asyncio.sleep(0.5)
+        publisher = await start_publisher(main, config)
         runner = SessionRunner(
             config,
             spec,
@@ -100,6 +93,19 @@ async def amain() -> int:
     finally:
         for c in (main, blocking_input, blocking_control):
             await c.aclose()
+
+
+async def start_publisher(client: aioredis.Redis, config: WrapperConfig) -> EventPublisher:
+    """The session's publisher (outbox in the state dir), started; waits while Redis is
+    unreachable (the container is useless without it; the gateway's timeouts bound it)."""
+    publisher = EventPublisher(client, config.session_id, outbox=Outbox(config.state_dir))
+    while True:
+        try:
+            await publisher.start()
+            return publisher
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            logger.warning("waiting for redis: %s", exc)
+            await asyncio.sleep(0.5)
 
 
 async def wait_for_claim(
@@ -157,14 +163,7 @@ async def _serve_pooled(
         logger.error("claim for another session (%s) refused", claim.session_id)
         await runner.stop_cli()
         return 1
-    publisher = EventPublisher(main, config.session_id, outbox=Outbox(config.state_dir))
-    while True:
-        try:
-            await publisher.start()
-            break
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            logger.warning("waiting for redis: %s", exc)
-            await asyncio.sleep(0.5)
+    publisher = await start_publisher(main, config)
     runner.bind(spec, publisher=publisher, claimed_at=claim.claimed_at)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
