@@ -9,14 +9,12 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any
 
 from wrapper.cli_process import (
     CliProcess,
     build_cli_args,
-    ccgate_mcp_server,
     cli_environment,
     control_request_line,
 )
@@ -25,6 +23,7 @@ from wrapper.protocol import (
     EventType,
 )
 from wrapper.runner_state import RunnerState, StartupFailed
+from wrapper.sdk_mcp import SDK_SERVER_CONFIG, SERVER_NAME
 
 logger = logging.getLogger("wrapper.runner")
 
@@ -131,16 +130,7 @@ class CliLife(RunnerState):
         return len(self._crashes) > self._config.max_restarts
 
     async def _launch(self, *, resume: bool) -> dict[str, Any]:
-        extra = None
-        if self._spec.gateway_url:
-            extra = {
-                "ccgate": ccgate_mcp_server(
-                    python=sys.executable,
-                    gateway_url=self._spec.gateway_url,
-                    session_file=self._session_file,
-                    token_file=self._token_file,
-                )
-            }
+        extra = {SERVER_NAME: SDK_SERVER_CONFIG} if self._spec.gateway_url else None
         args = build_cli_args(
             self._spec, claude_bin=self._config.claude_bin, resume=resume, extra_mcp_servers=extra
         )
@@ -165,7 +155,9 @@ class CliLife(RunnerState):
                 f"stderr: {' | '.join(list(self._cli.stderr_tail)[-3:])}"
             ) from exc
         logger.info("claude answered initialize in %.0f ms", (time.monotonic() - launched) * 1000)
-        mcp = await self._wait_for_mcp() if (extra or self._spec.mcp_servers) else {}
+        # The ccgate tools are served in-process (sdk_mcp) and need no wait; the session's own
+        # MCP servers are processes or remote endpoints the first turn must not wait for.
+        mcp = await self._wait_for_mcp() if self._spec.mcp_servers else {}
         logger.info("claude ready in %.0f ms (mcp: %s)", (time.monotonic() - launched) * 1000, mcp)
         return {
             "cli_pid": self._cli.pid,
@@ -232,7 +224,14 @@ class CliLife(RunnerState):
             if kind == "control_response":
                 self._on_control_response(obj)
             elif kind == "control_request":
+                request = obj.get("request")
+                if isinstance(request, dict) and request.get("subtype") == "mcp_message":
+                    # The ccgate tools' transport, not an event of the session.
+                    await self._mcp.start(str(obj.get("request_id")), request, cli.write)
+                    continue
                 await self._refuse_control_request(cli, obj)
+            elif kind == "control_cancel_request":
+                self._mcp.cancel(str(obj.get("request_id")))
             self._events.emit(
                 str(kind),
                 raw.decode("utf-8", errors="replace"),
@@ -242,6 +241,7 @@ class CliLife(RunnerState):
             self._check_journal()
             if kind == "result" and self._result is not None and not self._result.done():
                 self._result.set_result(obj)
+        self._mcp.close()
         return await cli.wait()
 
     def _on_control_response(self, obj: dict[str, Any]) -> None:

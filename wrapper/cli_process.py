@@ -67,24 +67,6 @@ def build_cli_args(
     return args
 
 
-def ccgate_mcp_server(
-    *, python: str, gateway_url: str, session_file: str, token_file: str
-) -> dict[str, Any]:
-    """The ``--mcp-config`` entry of the ccgate tools (wrapper/mcp_tools.py over stdio). The
-    session id is read from ``session_file`` at each call, so a warm-pool container can start
-    the server before it is bound to a session."""
-    return {
-        "type": "stdio",
-        "command": python,
-        "args": ["-m", "wrapper.mcp_tools"],
-        "env": {
-            "CCGATE_GATEWAY_URL": gateway_url,
-            "CCGATE_SESSION_FILE": session_file,
-            "CCGATE_TOKEN_FILE": token_file,
-        },
-    }
-
-
 def user_message_line(prompt: str) -> bytes:
     """A stream-json user message for the CLI's stdin (format: claude-agent-sdk, SDKUserMessage)."""
     msg = {

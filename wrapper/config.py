@@ -16,8 +16,8 @@ class WrapperConfig:
     Privilege split: in a session container the wrapper runs as root with only the SETUID,
     SETGID, KILL and DAC_READ_SEARCH capabilities and starts the CLI as ``cli_uid`` (1000, the
     user the agent's tools run as). ``state_dir`` (the outbox) is root's alone, so the agent
-    cannot read the Redis login or forge envelopes through it; ``shared_dir`` holds what the
-    CLI's own processes must read (the session token of the ccgate MCP tools); ``marker_dir``
+    cannot read the Redis login or forge envelopes through it, and the session token of the
+    ccgate tools stays in the wrapper's memory (they are served in-process); ``marker_dir``
     (on the config volume) remembers that a transcript exists, for ``--resume``.
     """
 
@@ -26,7 +26,6 @@ class WrapperConfig:
     claude_bin: str = "claude"
     workspace: str = "/workspace"
     state_dir: str = "/var/lib/ccgate"
-    shared_dir: str = "/run/ccgate"
     marker_dir: str = "/home/claude/.claude/ccgate"
     cli_uid: int | None = None
     """Run the CLI as this uid (and gid); None: as the wrapper's own user."""
@@ -48,7 +47,6 @@ class WrapperConfig:
             claude_bin=e.get("CCGATE_CLAUDE_BIN", "claude"),
             workspace=e.get("CCGATE_WORKSPACE", "/workspace"),
             state_dir=e.get("CCGATE_STATE_DIR", "/var/lib/ccgate"),
-            shared_dir=e.get("CCGATE_SHARED_DIR", "/run/ccgate"),
             marker_dir=e.get("CCGATE_MARKER_DIR", os.path.join(config_dir, "ccgate")),
             cli_uid=_cli_uid(e),
             cli_home=e.get("CCGATE_CLI_HOME", "/home/claude"),

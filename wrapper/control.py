@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from typing import cast
 
 from redis.exceptions import RedisError
@@ -56,7 +55,7 @@ class ControlLoops(TurnLoop):
                 )
 
     async def _token_loop(self) -> None:
-        """Copy the gateway-renewed session token from Redis into the file the MCP tools read."""
+        """Keep the gateway-renewed session token (Redis) in memory for the ccgate tools."""
         key = token_key(self._spec.session_id)
         current: bytes | None = None
         while True:
@@ -66,17 +65,6 @@ class ControlLoops(TurnLoop):
                 logger.warning("token: redis unreachable: %s", exc)
                 token = None
             if token and token != current:
-                await asyncio.to_thread(_write_shared, self._token_file, token)
+                self._gateway_token = token.decode(errors="replace")
                 current = token
             await asyncio.sleep(1.0 if current is None else 20.0)
-
-
-def _write_shared(path: str, data: bytes) -> None:
-    """Write a file the CLI's processes can read (the wrapper owns it; no one else may write),
-    atomically (temp file + rename)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)

@@ -1,35 +1,25 @@
 """The ccgate MCP server: tools that let the Claude in this container spawn and direct children.
 
-The Claude Code CLI runs it over stdio (the wrapper adds it to ``--mcp-config`` as server
-``ccgate``, so the CLI sees ``mcp__ccgate__spawn_session`` and friends). Every tool calls the
-gateway's HTTP API with this session's own JWT, read from ``CCGATE_TOKEN_FILE`` at each call (the
-wrapper keeps the file fresh); that token reaches only this session's subtree. A refusal from the
-gateway (a spawn limit, an unknown session) becomes a tool error carrying the gateway's message.
+It runs inside the wrapper as an *SDK MCP server*: the wrapper names it in ``--mcp-config`` as
+``{"type": "sdk", "name": "ccgate"}`` and the CLI sends it JSON-RPC through the control protocol
+(``mcp_message`` requests, answered by ``wrapper/sdk_mcp.py``), the way claude-agent-sdk serves
+in-process tools. So no process starts for it (a Python MCP server over stdio cost 60-110 ms of
+every cold start), and the session token it calls the gateway with stays in the wrapper's memory,
+out of the agent's reach. The CLI shows the tools as ``mcp__ccgate__spawn_session`` and friends.
 
-Why not the ``mcp`` SDK: importing it took ~0.75 s of a cold start inside the container (it pulls
-pydantic, anyio, starlette, httpx); this server needs four methods of the protocol. Wire format
-(MCP spec, "Transports: stdio" and "Lifecycle"): JSON-RPC 2.0 messages, one per line, UTF-8;
-``initialize`` → ``notifications/initialized`` → ``tools/list`` / ``tools/call`` / ``ping``.
-Tool calls run on a small thread pool so a long ``wait_for_result`` never blocks the others.
-
-Environment: ``CCGATE_GATEWAY_URL``, ``CCGATE_TOKEN_FILE``, and ``CCGATE_SESSION_FILE`` (the
-session id, written by the wrapper when its session is bound — a warm-pool container starts this
-server before it has a session) or ``CCGATE_SESSION_ID``.
+Every tool calls the gateway's HTTP API with this session's JWT (the wrapper keeps it fresh);
+that token reaches only this session's subtree. A refusal from the gateway (a spawn limit, an
+unknown session) becomes a tool error carrying the gateway's message. Wire format (MCP spec,
+"Lifecycle" and "Tools"): JSON-RPC 2.0; ``initialize`` → ``notifications/initialized`` →
+``tools/list`` / ``tools/call`` / ``ping``. ``handle`` answers everything but ``tools/call``,
+which blocks on HTTP and is run by the caller off its event loop (``GatewayTools.call_tool``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Any
-
-GATEWAY_URL = os.environ.get("CCGATE_GATEWAY_URL", "").rstrip("/")
-TOKEN_FILE = os.environ.get("CCGATE_TOKEN_FILE", "")
-SESSION_FILE = os.environ.get("CCGATE_SESSION_FILE", "")
+from typing import Any
 
 PROTOCOL_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 """Versions this server speaks, newest first; it answers the client's if listed, else the
@@ -47,50 +37,102 @@ class ToolError(Exception):
     """A tool failed in a way the model should read (becomes ``isError: true``)."""
 
 
-def session_id() -> str:
-    """This container's session id (from the wrapper's file, else the environment)."""
-    if SESSION_FILE:
+class GatewayTools:
+    """The tools' implementations: blocking JSON calls to the gateway's ``/api/v1``.
+
+    ``gateway_url`` is the gateway's root as the container reaches it; ``token`` and
+    ``session_id`` are read at each call (the wrapper renews the token; a warm-pool container
+    has no session until its claim, and then both return None). Every method returns the
+    tool's text (JSON) or raises ToolError with what the model should read.
+    """
+
+    def __init__(
+        self,
+        gateway_url: str,
+        *,
+        token: Callable[[], str | None],
+        session_id: Callable[[], str | None],
+    ) -> None:
+        self._gateway_url = gateway_url.rstrip("/")
+        self._token = token
+        self._session_id = session_id
+
+    def _own_id(self) -> str:
+        value = self._session_id()
+        if not value:
+            raise ToolError("this container has no ccgate session yet; try again shortly")
+        return value
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None, timeout_s: float) -> Any:
+        """One JSON request (blocking, at most ``timeout_s`` seconds). Raises ToolError."""
+        import urllib.error  # imported on first use: most sessions never call a tool
+        import urllib.request
+
+        token = self._token()
+        if not token:
+            raise ToolError("no ccgate session token yet; try again shortly")
+        request = urllib.request.Request(
+            f"{self._gateway_url}/api/v1{path}",
+            data=None if body is None else json.dumps(body).encode(),
+            method=method,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
         try:
-            with open(SESSION_FILE) as fh:
-                value = fh.read().strip()
-            if value:
-                return value
-        except OSError:
-            pass
-    value = os.environ.get("CCGATE_SESSION_ID", "")
-    if not value:
-        raise ToolError("this container has no ccgate session yet; try again shortly")
-    return value
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = json.loads(exc.read()).get("detail")
+            except (ValueError, AttributeError):
+                detail = None
+            raise ToolError(f"{detail or exc.reason} (HTTP {exc.code})") from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise ToolError(f"the ccgate gateway is unreachable: {exc}") from exc
+        return json.loads(raw) if raw else {}
 
+    def spawn_session(
+        self, prompt: str, workspace: str = "ephemeral", config: dict[str, Any] | None = None
+    ) -> str:
+        """Start a child Claude Code session in its own container; it runs ``prompt`` once."""
+        body = {"prompt": prompt, "workspace": {"type": workspace}, "config": config or {}}
+        return json.dumps(self._call("POST", f"/sessions/{self._own_id()}/spawn", body, 60))
 
-def _call(method: str, path: str, body: dict[str, Any] | None, timeout_s: float) -> Any:
-    """One JSON request to the gateway's /api/v1 (blocking). Raises ToolError."""
-    import urllib.error  # imported on first use: most sessions never call a tool
-    import urllib.request
+    def send_message(self, session_id: str, prompt: str) -> str:
+        """Send another prompt to a descendant session."""
+        body = {"prompt": prompt, "stream": True}
+        return json.dumps(self._call("POST", f"/sessions/{session_id}/chat", body, 60))
 
-    try:
-        with open(TOKEN_FILE) as fh:
-            token = fh.read().strip()
-    except OSError as exc:
-        raise ToolError(f"no ccgate session token yet ({exc}); try again shortly") from exc
-    request = urllib.request.Request(
-        f"{GATEWAY_URL}/api/v1{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        method=method,
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            raw = response.read()
-    except urllib.error.HTTPError as exc:
+    def wait_for_result(self, session_id: str, timeout_seconds: float = 600) -> str:
+        """Wait for a descendant's latest turn to finish."""
+        body = {"timeout_seconds": timeout_seconds}
+        result = self._call("POST", f"/sessions/{session_id}/wait", body, timeout_seconds + 60)
+        return json.dumps({"session_id": session_id, **result})
+
+    def get_session(self, session_id: str) -> str:
+        """Status, turns, cost and children of a descendant session."""
+        return json.dumps(_summary(self._call("GET", f"/sessions/{session_id}", None, 60)))
+
+    def list_children(self) -> str:
+        """This session's children."""
+        children = self._call("GET", f"/sessions/{self._own_id()}/children", None, 60)
+        return json.dumps([_summary(c) for c in children["children"]])
+
+    def stop_session(self, session_id: str) -> str:
+        """Stop a descendant session and its own subtree."""
+        return json.dumps(_summary(self._call("POST", f"/sessions/{session_id}/stop", None, 60)))
+
+    def call_tool(self, name: str, arguments: Any) -> dict[str, Any]:
+        """Run a tool (blocking); the MCP ``CallToolResult`` (text content, ``isError`` on
+        failure: unknown tool, arguments that do not fit its schema, a gateway refusal)."""
         try:
-            detail = json.loads(exc.read()).get("detail")
-        except (ValueError, AttributeError):
-            detail = None
-        raise ToolError(f"{detail or exc.reason} (HTTP {exc.code})") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise ToolError(f"the ccgate gateway is unreachable: {exc}") from exc
-    return json.loads(raw) if raw else {}
+            if name not in TOOLS:
+                raise ToolError(f"unknown tool {name!r}")
+            _, schema = TOOLS[name]
+            args = _check_arguments(schema, arguments if arguments is not None else {})
+            text: str = getattr(self, name)(**args)
+            return {"content": [{"type": "text", "text": text}], "isError": False}
+        except ToolError as exc:
+            return {"content": [{"type": "text", "text": str(exc)}], "isError": True}
 
 
 def _summary(session: dict[str, Any]) -> dict[str, Any]:
@@ -99,51 +141,14 @@ def _summary(session: dict[str, Any]) -> dict[str, Any]:
     return {k: session.get(k) for k in keys}
 
 
-def spawn_session(
-    prompt: str, workspace: str = "ephemeral", config: dict[str, Any] | None = None
-) -> str:
-    """Start a child Claude Code session in its own container; it runs ``prompt`` once."""
-    body = {"prompt": prompt, "workspace": {"type": workspace}, "config": config or {}}
-    return json.dumps(_call("POST", f"/sessions/{session_id()}/spawn", body, 60))
-
-
-def send_message(session_id: str, prompt: str) -> str:
-    """Send another prompt to a descendant session."""
-    body = {"prompt": prompt, "stream": True}
-    return json.dumps(_call("POST", f"/sessions/{session_id}/chat", body, 60))
-
-
-def wait_for_result(session_id: str, timeout_seconds: float = 600) -> str:
-    """Wait for a descendant's latest turn to finish."""
-    body = {"timeout_seconds": timeout_seconds}
-    result = _call("POST", f"/sessions/{session_id}/wait", body, timeout_seconds + 60)
-    return json.dumps({"session_id": session_id, **result})
-
-
-def get_session(session_id: str) -> str:
-    """Status, turns, cost and children of a descendant session."""
-    return json.dumps(_summary(_call("GET", f"/sessions/{session_id}", None, 60)))
-
-
-def list_children() -> str:
-    """This session's children."""
-    children = _call("GET", f"/sessions/{session_id()}/children", None, 60)
-    return json.dumps([_summary(c) for c in children["children"]])
-
-
-def stop_session(session_id: str) -> str:
-    """Stop a descendant session and its own subtree."""
-    return json.dumps(_summary(_call("POST", f"/sessions/{session_id}/stop", None, 60)))
-
-
 def _schema(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": required}
 
 
 _ID = {"type": "string", "description": "a descendant session's id"}
-TOOLS: dict[str, tuple[Callable[..., str], str, dict[str, Any]]] = {
+TOOLS: dict[str, tuple[str, dict[str, Any]]] = {
+    # name: (description, input schema); the implementation is the GatewayTools method of the name
     "spawn_session": (
-        spawn_session,
         "Start a child Claude Code session in its own container; it runs `prompt` once.\n\n"
         'workspace: "ephemeral" (empty), "inherit" (share this session\'s /workspace) or '
         '"clone" (a copy of this session\'s /workspace as it is now). config: optional '
@@ -163,12 +168,10 @@ TOOLS: dict[str, tuple[Callable[..., str], str, dict[str, Any]]] = {
         ),
     ),
     "send_message": (
-        send_message,
         "Send another prompt to a descendant session; returns JSON {message_id, status}.",
         _schema({"session_id": _ID, "prompt": {"type": "string"}}, ["session_id", "prompt"]),
     ),
     "wait_for_result": (
-        wait_for_result,
         "Wait for a descendant's latest turn to finish; returns JSON with its `result` text, "
         "status, is_error and cost.",
         _schema(
@@ -177,17 +180,14 @@ TOOLS: dict[str, tuple[Callable[..., str], str, dict[str, Any]]] = {
         ),
     ),
     "get_session": (
-        get_session,
         "Status, turns, cost and children of a descendant session (JSON).",
         _schema({"session_id": _ID}, ["session_id"]),
     ),
     "list_children": (
-        list_children,
         "This session's children (JSON list of their status, turns and cost).",
         _schema({}, []),
     ),
     "stop_session": (
-        stop_session,
         "Stop a descendant session and its own subtree; returns its final status (JSON).",
         _schema({"session_id": _ID}, ["session_id"]),
     ),
@@ -222,21 +222,10 @@ def _check_arguments(schema: dict[str, Any], arguments: Any) -> dict[str, Any]:
     return arguments
 
 
-def call_tool(name: str, arguments: Any) -> dict[str, Any]:
-    """Run a tool; the MCP ``CallToolResult`` (text content, ``isError`` on failure)."""
-    try:
-        if name not in TOOLS:
-            raise ToolError(f"unknown tool {name!r}")
-        fn, _, schema = TOOLS[name]
-        text = fn(**_check_arguments(schema, arguments if arguments is not None else {}))
-        return {"content": [{"type": "text", "text": text}], "isError": False}
-    except ToolError as exc:
-        return {"content": [{"type": "text", "text": str(exc)}], "isError": True}
-
-
 def handle(message: Any) -> dict[str, Any] | None:
     """The JSON-RPC response to one request (None for a notification or a response).
-    ``tools/call`` is not handled here: the server runs it on its pool."""
+    ``tools/call`` is not handled here: it blocks, so the host runs ``GatewayTools.call_tool``
+    off its loop."""
     if not isinstance(message, dict):
         return _error(None, -32600, "invalid request: a JSON-RPC 2.0 object is expected")
     if message.get("jsonrpc") != "2.0":
@@ -264,7 +253,7 @@ def handle(message: Any) -> dict[str, Any] | None:
     if method == "tools/list":
         tools = [
             {"name": name, "description": description, "inputSchema": schema}
-            for name, (_, description, schema) in TOOLS.items()
+            for name, (description, schema) in TOOLS.items()
         ]
         return _result(request_id, {"tools": tools})
     return _error(request_id, -32601, f"method not found: {method}")
@@ -276,47 +265,3 @@ def _result(request_id: Any, result: dict[str, Any]) -> dict[str, Any]:
 
 def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
-
-
-def serve(stdin: IO[str], stdout: IO[str], *, workers: int = 8) -> None:
-    """Read requests from ``stdin`` until EOF; answer on ``stdout`` (one JSON per line)."""
-    lock = threading.Lock()
-
-    def send(response: dict[str, Any]) -> None:
-        line = json.dumps(response, separators=(",", ":")) + "\n"
-        with lock:
-            stdout.write(line)
-            stdout.flush()
-
-    def run_tool(request_id: Any, params: dict[str, Any]) -> None:
-        send(_result(request_id, call_tool(str(params.get("name")), params.get("arguments"))))
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tool") as pool:
-        for line in stdin:
-            if not line.strip():
-                continue
-            try:
-                message = json.loads(line)
-            except ValueError:
-                send(_error(None, -32700, "parse error: each line must be one JSON message"))
-                continue
-            if (
-                isinstance(message, dict)
-                and message.get("method") == "tools/call"
-                and message.get("id") is not None
-            ):
-                params = message.get("params")
-                pool.submit(run_tool, message["id"], params if isinstance(params, dict) else {})
-                continue
-            response = handle(message)
-            if response is not None:
-                send(response)
-
-
-def main() -> None:
-    """Serve over stdio (the CLI starts this process)."""
-    serve(sys.stdin, sys.stdout)
-
-
-if __name__ == "__main__":
-    main()

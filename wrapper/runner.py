@@ -16,13 +16,14 @@ import asyncio
 import contextlib
 import logging
 
-from wrapper.control import ControlLoops, _write_shared
+from wrapper.control import ControlLoops
 from wrapper.protocol import (
     EventType,
     SessionSpec,
 )
 from wrapper.publisher import EventPublisher
 from wrapper.runner_state import PendingEvents, StartupFailed
+from wrapper.sdk_mcp import SdkMcpHost
 
 logger = logging.getLogger("wrapper.runner")
 
@@ -44,6 +45,7 @@ class SessionRunner(ControlLoops):
         from ``run()`` with ``pooled: true`` and ``claim_ms``."""
         pending = self._events
         self._spec = spec
+        self._mcp = SdkMcpHost(self._gateway_tools())
         self._events = publisher
         self._claimed_at = claimed_at
         if isinstance(pending, PendingEvents):
@@ -51,7 +53,6 @@ class SessionRunner(ControlLoops):
 
     async def run(self) -> int:
         """Run until stopped; emits ``exited`` last and returns the process exit status."""
-        await asyncio.to_thread(_write_shared, self._session_file, self._spec.session_id.encode())
         await asyncio.to_thread(self._workspace.baseline)
         tasks = [
             asyncio.create_task(self._supervise(), name="supervise"),

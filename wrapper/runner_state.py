@@ -15,6 +15,7 @@ from wrapper.cli_process import (
     CliProcess,
 )
 from wrapper.config import WrapperConfig
+from wrapper.mcp_tools import GatewayTools
 from wrapper.protocol import (
     EventSource,
     EventType,
@@ -23,6 +24,7 @@ from wrapper.protocol import (
     TurnRequest,
 )
 from wrapper.publisher import EventPublisher
+from wrapper.sdk_mcp import SdkMcpHost
 from wrapper.workspace import WorkspaceTracker
 
 logger = logging.getLogger("wrapper.runner")
@@ -85,8 +87,9 @@ class RunnerState:
         self._input_redis = input_redis
         self._control_redis = control_redis
         self._state_redis = state_redis
-        self._token_file = os.path.join(config.shared_dir, "gateway-token")
-        self._session_file = os.path.join(config.shared_dir, "session-id")
+        self._gateway_token: str | None = None
+        """The session's JWT for the ccgate tools (renewed from Redis; never on disk)."""
+        self._mcp = SdkMcpHost(self._gateway_tools())
         self._workspace = WorkspaceTracker(config.workspace)
         self._cli: CliProcess | None = None
         self._pump: asyncio.Task[int] | None = None
@@ -105,6 +108,14 @@ class RunnerState:
         self._prestarted: dict[str, Any] | None = None
         """The CLI a warm-pool container launched before its claim (its ``ready`` info)."""
         self._claimed_at: float | None = None
+
+    def _gateway_tools(self) -> GatewayTools:
+        """The ccgate tools of the current spec, calling with the current token."""
+        return GatewayTools(
+            self._spec.gateway_url or "",
+            token=lambda: self._gateway_token,
+            session_id=lambda: self._spec.session_id,
+        )
 
     def request_stop(self) -> None:
         """Begin a graceful stop (SIGTERM handler)."""

@@ -9,8 +9,11 @@ from typing import Any
 import docker
 import httpx
 import pytest
+import redis
 
 from tests.conftest import Api
+from tests.containers import RedisContainer
+from wrapper.protocol import token_key
 
 pytestmark = pytest.mark.e2e
 
@@ -174,7 +177,7 @@ async def test_three_concurrent_children_stop_at_the_tree_budget(make_api: Any) 
 
 
 async def test_the_agent_cannot_read_the_wrappers_redis_login_or_gain_privileges(
-    make_api: Any, docker_client: docker.DockerClient
+    make_api: Any, docker_client: docker.DockerClient, redis_server: RedisContainer
 ) -> None:
     api: Api = make_api()
     sid = await _create(api)
@@ -207,15 +210,20 @@ async def test_the_agent_cannot_read_the_wrappers_redis_login_or_gain_privileges
     container = docker_client.containers.get(f"ccgate-{sid}")
     env = dict(e.split("=", 1) for e in container.attrs["Config"]["Env"])
     password = env["CCGATE_REDIS_URL"].split("@", 1)[0].rsplit(":", 1)[1]
-    half = len(password) // 2
+    # The session's gateway token (what the ccgate tools call the gateway with) is in the
+    # wrapper's memory only: the tools are served in-process, not by a process of uid 1000.
+    gateway_token = redis.Redis.from_url(redis_server.url).get(token_key(sid))
+    assert gateway_token
     # Everything uid 1000 can read: no process environment, command line or file holds the
-    # session's Redis password.
-    _, out = container.exec_run(
-        ["python3", "-c", _SEARCH],
-        user="1000",
-        environment={"A": password[:half], "B": password[half:]},
-    )
-    assert out.decode().split() == ["searched"], out.decode()
+    # session's Redis password or its gateway token.
+    for secret in (password, gateway_token.decode()):
+        half = len(secret) // 2
+        _, out = container.exec_run(
+            ["python3", "-c", _SEARCH],
+            user="1000",
+            environment={"A": secret[:half], "B": secret[half:]},
+        )
+        assert out.decode().split() == ["searched"], out.decode()
 
 
 async def test_the_agent_cannot_forge_a_turn_completed(

@@ -45,12 +45,11 @@ WRAPPER_CAPS = ("SETUID", "SETGID", "KILL", "DAC_READ_SEARCH")
 def session_tmpfs(tmp_mib: int, home_mib: int, state_mib: int) -> dict[str, str]:
     """The writable places of a session container besides its volumes (sizes in MiB; they count
     against the container's memory): ``/tmp`` and the CLI user's home for the agent, the
-    wrapper's private state (root, 0700) and the MCP tools' token dir (root, readable)."""
+    wrapper's private state (root, 0700)."""
     return {
         "/tmp": f"rw,nosuid,nodev,size={tmp_mib}m,mode=1777",
         "/home/claude": f"rw,nosuid,nodev,size={home_mib}m,uid=1000,gid=1000,mode=0755",
         "/var/lib/ccgate": f"rw,nosuid,nodev,noexec,size={state_mib}m,mode=0700",
-        "/run/ccgate": "rw,nosuid,nodev,noexec,size=1m,mode=0755",
     }
 
 

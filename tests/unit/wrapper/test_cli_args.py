@@ -59,27 +59,16 @@ def test_cli_environment_drops_claudecode_and_the_redis_credentials() -> None:
 
 
 def test_the_ccgate_tools_join_the_sessions_own_mcp_servers() -> None:
-    from wrapper.cli_process import ccgate_mcp_server
+    from wrapper.sdk_mcp import SDK_SERVER_CONFIG
 
-    tools = ccgate_mcp_server(
-        python="/opt/ccgate/bin/python",
-        gateway_url="http://gw:8000",
-        session_file="/run/ccgate/session-id",
-        token_file="/state/token",
-    )
     spec = SessionSpec(session_id="u-3", mcp_servers={"mine": {"command": "x"}})
     args = build_cli_args(
-        spec, claude_bin="claude", resume=False, extra_mcp_servers={"ccgate": tools}
+        spec, claude_bin="claude", resume=False, extra_mcp_servers={"ccgate": SDK_SERVER_CONFIG}
     )
     mcp = json.loads(next(a for a in args if a.startswith("--mcp-config=")).split("=", 1)[1])
     assert set(mcp["mcpServers"]) == {"mine", "ccgate"}
-    assert mcp["mcpServers"]["ccgate"]["args"] == ["-m", "wrapper.mcp_tools"]
-    # No secret on the command line: the tools read the token from a file.
-    assert set(mcp["mcpServers"]["ccgate"]["env"]) == {
-        "CCGATE_GATEWAY_URL",
-        "CCGATE_SESSION_FILE",
-        "CCGATE_TOKEN_FILE",
-    }
+    # Served in-process over the control protocol: no command, no secret on the command line.
+    assert mcp["mcpServers"]["ccgate"] == {"type": "sdk", "name": "ccgate"}
 
 
 def test_a_claimed_session_keeps_the_cli_session_id_of_its_pool_container() -> None:
