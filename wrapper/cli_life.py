@@ -12,18 +12,13 @@ import os
 import time
 from typing import Any
 
-from wrapper.cli_process import (
-    CliProcess,
-    build_cli_args,
-    cli_environment,
-    control_request_line,
-)
+from wrapper.cli_process import CliProcess, control_request_line
+from wrapper.launch import session_cli_args, transcript_cli_id
 from wrapper.protocol import (
     EventSource,
     EventType,
 )
 from wrapper.runner_state import RunnerState, StartupFailed
-from wrapper.sdk_mcp import SDK_SERVER_CONFIG, SERVER_NAME
 
 logger = logging.getLogger("wrapper.runner")
 
@@ -33,14 +28,7 @@ class CliLife(RunnerState):
 
     def _transcript(self) -> str | None:
         """The CLI session id of the transcript on the config volume, if there is one."""
-        try:
-            with open(self._state_file) as fh:
-                marker = json.load(fh)
-        except (OSError, ValueError):
-            return None
-        if not isinstance(marker, dict) or not marker.get("transcript"):
-            return None
-        return str(marker.get("cli_session_id") or self._spec.session_id)
+        return transcript_cli_id(self._config.marker_dir, self._spec)
 
     def _transcript_exists(self) -> bool:
         return self._transcript() is not None
@@ -130,19 +118,25 @@ class CliLife(RunnerState):
         return len(self._crashes) > self._config.max_restarts
 
     async def _launch(self, *, resume: bool) -> dict[str, Any]:
-        extra = {SERVER_NAME: SDK_SERVER_CONFIG} if self._spec.gateway_url else None
-        args = build_cli_args(
-            self._spec, claude_bin=self._config.claude_bin, resume=resume, extra_mcp_servers=extra
-        )
-        launched = time.monotonic()
-        try:
-            uid = self._config.cli_uid
-            env = cli_environment()
-            if uid is not None:
-                env.update(HOME=self._config.cli_home, USER="claude", LOGNAME="claude")
-            self._cli = await CliProcess.spawn(args, cwd=self._config.workspace, env=env, uid=uid)
-        except OSError as exc:
-            raise StartupFailed(str(exc)) from exc
+        args = session_cli_args(self._spec, claude_bin=self._config.claude_bin, resume=resume)
+        early, self._early = self._early, None
+        if early is not None and early.args == args:
+            launched = early.launched
+            self._cli = await CliProcess.adopt(early.process)
+        else:
+            if early is not None:  # started for other flags (cannot happen unless the marker moved)
+                logger.warning("the early-started CLI does not match; starting another")
+                await (await CliProcess.adopt(early.process)).stop(1.0)
+            launched = time.monotonic()
+            try:
+                self._cli = await CliProcess.spawn(
+                    args,
+                    cwd=self._config.workspace,
+                    uid=self._config.cli_uid,
+                    home=self._config.cli_home,
+                )
+            except OSError as exc:
+                raise StartupFailed(str(exc)) from exc
         self._pump = asyncio.create_task(self._read_stdout(self._cli), name="stdout")
         try:
             response = await self._control_request(

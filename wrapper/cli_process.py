@@ -1,70 +1,25 @@
-"""One long-lived Claude Code CLI process in stream-json mode: argv, stdin, stdout, stderr, stop."""
+"""One long-lived Claude Code CLI process in stream-json mode: stdin, stdout, stderr, exit, stop."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-import os
 import secrets
+import subprocess
+import threading
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
+from wrapper.launch import popen_cli
 from wrapper.ndjson import LineSplitter
-from wrapper.protocol import SessionSpec
 
 logger = logging.getLogger(__name__)
 
 _READ_CHUNK = 1 << 16
 _STDERR_TAIL_LINES = 40
-
-
-def build_cli_args(
-    spec: SessionSpec,
-    *,
-    claude_bin: str,
-    resume: bool,
-    extra_mcp_servers: dict[str, Any] | None = None,
-) -> list[str]:
-    """The CLI command line for a session (flags from ``claude --help`` 2.1.x).
-
-    ``resume=False`` pins the CLI's own session id (``spec.cli_session_id``, by default the
-    ccgate session id) with ``--session-id``; ``resume=True`` continues that transcript with
-    ``--resume``. Values use the ``--flag=value`` form so a value starting with ``-`` is never
-    read as a flag.
-    ``extra_mcp_servers`` (the ccgate tools) are added to the session's own MCP servers.
-    """
-    cli_id = spec.cli_session_id or spec.session_id
-    args = [
-        claude_bin,
-        "--input-format=stream-json",
-        "--output-format=stream-json",
-        "--verbose",
-        f"--resume={cli_id}" if resume else f"--session-id={cli_id}",
-    ]
-    if spec.model:
-        args.append(f"--model={spec.model}")
-    if spec.permission_mode:
-        args.append(f"--permission-mode={spec.permission_mode}")
-    if spec.allowed_tools:
-        args.append(f"--allowedTools={','.join(spec.allowed_tools)}")
-    if spec.disallowed_tools:
-        args.append(f"--disallowedTools={','.join(spec.disallowed_tools)}")
-    if spec.max_turns is not None:
-        args.append(f"--max-turns={spec.max_turns}")
-    if spec.max_budget_usd is not None:
-        args.append(f"--max-budget-usd={spec.max_budget_usd}")
-    if spec.system_prompt is not None:
-        args.append(f"--system-prompt={spec.system_prompt}")
-    if spec.append_system_prompt:
-        args.append(f"--append-system-prompt={spec.append_system_prompt}")
-    mcp_servers = {**spec.mcp_servers, **(extra_mcp_servers or {})}
-    if mcp_servers:
-        args.append(f"--mcp-config={json.dumps({'mcpServers': mcp_servers})}")
-    if spec.include_partial_messages:
-        args.append("--include-partial-messages")
-    return args
 
 
 def user_message_line(prompt: str) -> bytes:
@@ -90,64 +45,89 @@ def control_request_line(subtype: str, **fields: Any) -> tuple[str, bytes]:
 
 
 class CliProcess:
-    """A running ``claude`` child process with piped stdio.
+    """A running ``claude`` child process with piped stdio, driven from asyncio.
 
     stdout is read in chunks and split into lines with no length cap; stderr is drained all the
     time (so the CLI never blocks on a full pipe) and its last lines are kept for diagnostics.
+    The process is a ``subprocess.Popen`` (so it can be started before asyncio is imported,
+    see ``wrapper.launch``) whose pipes are connected to the loop; its exit is awaited by a
+    daemon thread, which never holds up the wrapper's own exit.
     """
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self._proc = proc
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        stdin: asyncio.StreamWriter,
+        stdout: asyncio.StreamReader,
+        stderr: asyncio.StreamReader,
+        exited: asyncio.Future[int],
+    ) -> None:
+        self._popen = popen
+        self._stdin = stdin
+        self._stdout = stdout
+        self._stderr = stderr
+        self._exited = exited
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
         self._stderr_task = asyncio.create_task(self._drain_stderr(), name="cli-stderr")
         self._write_lock = asyncio.Lock()
 
     @classmethod
     async def spawn(
-        cls, args: list[str], *, cwd: str, env: dict[str, str], uid: int | None = None
+        cls, args: list[str], *, cwd: str, uid: int | None = None, home: str = "/home/claude"
     ) -> CliProcess:
-        """Start the CLI (as ``uid`` and its group, with no supplementary groups, when given:
-        the kernel then clears every capability the wrapper holds); raises OSError when the
+        """Start the CLI (``wrapper.launch.popen_cli``) and adopt it; raises OSError when the
         binary cannot be executed or the user cannot be switched to."""
-        as_user: dict[str, object] = {}
-        if uid is not None:
-            as_user = {"user": uid, "group": uid, "extra_groups": []}
-        proc = await asyncio.create_subprocess_exec(
-            *args,
-            cwd=cwd,
-            env=env,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-            **as_user,  # type: ignore[arg-type]
+        return await cls.adopt(popen_cli(args, cwd=cwd, uid=uid, home=home))
+
+    @classmethod
+    async def adopt(cls, popen: subprocess.Popen[bytes]) -> CliProcess:
+        """Drive an already started CLI (its three pipes) from the running loop."""
+        assert popen.stdin is not None and popen.stdout is not None and popen.stderr is not None
+        loop = asyncio.get_running_loop()
+        stdout = asyncio.StreamReader(limit=_READ_CHUNK, loop=loop)
+        stderr = asyncio.StreamReader(limit=_READ_CHUNK, loop=loop)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdout), popen.stdout)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stderr), popen.stderr)
+        transport, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, popen.stdin
         )
-        logger.info("claude started, pid %s", proc.pid)
-        return cls(proc)
+        stdin = asyncio.StreamWriter(transport, protocol, None, loop)
+        exited: asyncio.Future[int] = loop.create_future()
+
+        def wait() -> None:
+            code = popen.wait()
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, exited, code)
+
+        threading.Thread(target=wait, name=f"cli-{popen.pid}-wait", daemon=True).start()
+        logger.info("claude started, pid %s", popen.pid)
+        return cls(popen, stdin, stdout, stderr, exited)
 
     @property
     def pid(self) -> int:
         """The CLI's process id."""
-        return self._proc.pid
+        return self._popen.pid
 
     @property
     def returncode(self) -> int | None:
-        """Exit status once it has exited, else None."""
-        return self._proc.returncode
+        """Exit status once it has exited (negative: killed by that signal), else None."""
+        return self._exited.result() if self._exited.done() else None
 
     async def write(self, line: bytes) -> None:
         """Write one NDJSON line to stdin; raises ConnectionError when stdin is closed."""
-        stdin = self._proc.stdin
-        if stdin is None or stdin.is_closing():
+        stdin = self._stdin
+        if stdin.is_closing():
             raise ConnectionError("claude stdin is closed")
         async with self._write_lock:
-            stdin.write(line)
-            await stdin.drain()
+            try:
+                stdin.write(line)
+                await stdin.drain()
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise ConnectionError("claude stdin is closed") from exc
 
     async def lines(self) -> AsyncIterator[bytes]:
         """Yield stdout lines until EOF."""
-        stdout = self._proc.stdout
-        assert stdout is not None
+        stdout = self._stdout
         splitter = LineSplitter()
         while True:
             chunk = await stdout.read(_READ_CHUNK)
@@ -161,17 +141,16 @@ class CliProcess:
 
     async def wait(self) -> int:
         """Wait for exit; returns the exit status."""
-        code = await self._proc.wait()
+        code = await asyncio.shield(self._exited)
         await asyncio.gather(self._stderr_task, return_exceptions=True)
         return code
 
     async def stop(self, grace_s: float) -> int:
         """Close stdin (EOF lets the CLI flush its transcript), then SIGTERM, then SIGKILL."""
-        stdin = self._proc.stdin
-        if stdin is not None and not stdin.is_closing():
-            stdin.close()
-        for action in (None, self._proc.terminate, self._proc.kill):
-            if action is not None and self._proc.returncode is None:
+        if not self._stdin.is_closing():
+            self._stdin.close()
+        for action in (None, self._popen.terminate, self._popen.kill):
+            if action is not None and self.returncode is None:
                 try:
                     action()
                 except ProcessLookupError:
@@ -183,8 +162,7 @@ class CliProcess:
         return await self.wait()
 
     async def _drain_stderr(self) -> None:
-        stderr = self._proc.stderr
-        assert stderr is not None
+        stderr = self._stderr
         splitter = LineSplitter()
         while True:
             chunk = await stderr.read(_READ_CHUNK)
@@ -196,14 +174,6 @@ class CliProcess:
                 logger.info("claude stderr: %s", text)
 
 
-def cli_environment(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The CLI's environment: ours minus wrapper-only variables and CLAUDECODE.
-
-    ``CLAUDECODE`` makes 2.1.39+ refuse to start ("cannot be launched inside another Claude Code
-    session"); ``CCGATE_REDIS_URL`` holds the session's Redis credentials, which the agent's
-    Bash tool must not see.
-    """
-    env = dict(os.environ if base is None else base)
-    for name in ("CLAUDECODE", "CCGATE_REDIS_URL"):
-        env.pop(name, None)
-    return env
+def _settle(future: asyncio.Future[int], code: int) -> None:
+    if not future.done():
+        future.set_result(code)

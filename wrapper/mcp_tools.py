@@ -21,6 +21,9 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+SERVER_NAME = "ccgate"
+SDK_SERVER_CONFIG: dict[str, Any] = {"type": "sdk", "name": SERVER_NAME}
+"""The ``--mcp-config`` entry of the ccgate tools (answered by ``wrapper/sdk_mcp.py``)."""
 PROTOCOL_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 """Versions this server speaks, newest first; it answers the client's if listed, else the
 newest."""

@@ -221,7 +221,7 @@ def decode_envelope(raw: str | bytes) -> dict[str, Any]:
 class SessionSpec:
     """How the wrapper runs the CLI for one session (JSON at :func:`spec_key`).
 
-    Every field maps to a Claude Code CLI flag (see ``wrapper.runner.build_cli_args``);
+    Every field maps to a Claude Code CLI flag (see ``wrapper.launch.build_cli_args``);
     ``timeout_seconds`` is the default per-turn deadline, enforced by the wrapper.
     """
 

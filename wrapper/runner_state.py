@@ -15,6 +15,7 @@ from wrapper.cli_process import (
     CliProcess,
 )
 from wrapper.config import WrapperConfig
+from wrapper.launch import MARKER_FILE, EarlyLaunch
 from wrapper.mcp_tools import GatewayTools
 from wrapper.protocol import (
     EventSource,
@@ -80,6 +81,7 @@ class RunnerState:
         input_redis: aioredis.Redis,
         control_redis: aioredis.Redis,
         state_redis: aioredis.Redis,
+        early: EarlyLaunch | None = None,
     ) -> None:
         self._config = config
         self._spec = spec
@@ -104,10 +106,12 @@ class RunnerState:
         self._interrupt_cause: TurnOutcome | None = None
         self._crashes: deque[float] = deque()
         self._exit_status = 0
-        self._state_file = os.path.join(config.marker_dir, "cli-session.json")
+        self._state_file = os.path.join(config.marker_dir, MARKER_FILE)
         self._prestarted: dict[str, Any] | None = None
         """The CLI a warm-pool container launched before its claim (its ``ready`` info)."""
         self._claimed_at: float | None = None
+        self._early = early
+        """The CLI ``launch_early`` started before the wrapper's imports, adopted at launch."""
 
     def _gateway_tools(self) -> GatewayTools:
         """The ccgate tools of the current spec, calling with the current token."""

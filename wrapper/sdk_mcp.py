@@ -30,13 +30,10 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from wrapper.mcp_tools import GatewayTools, handle
+from wrapper.mcp_tools import SERVER_NAME, GatewayTools, handle
 
 logger = logging.getLogger("wrapper.mcp")
 
-SERVER_NAME = "ccgate"
-SDK_SERVER_CONFIG = {"type": "sdk", "name": SERVER_NAME}
-"""The ``--mcp-config`` entry of the ccgate tools."""
 MAX_CALLS = 16
 """Tool calls running at once; one more is refused with a tool error."""
 

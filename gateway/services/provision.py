@@ -33,6 +33,7 @@ from gateway.services.runtime.base import (
     session_tmpfs,
 )
 from gateway.services.session_base import ServiceBase
+from wrapper.launch import SPEC_ENV
 from wrapper.protocol import SessionSpec
 
 CONFIG_MOUNT = "/home/claude/.claude"
@@ -74,6 +75,18 @@ def session_spec(
         interrupt_grace_s=settings.interrupt_grace_s,
         resumed_at=resumed_at,
     )
+
+
+SPEC_ENV_MAX_BYTES = 64 * 1024
+"""Largest spec passed in the container's environment (Linux caps one string at 128 KiB)."""
+
+
+def spec_env(spec: SessionSpec) -> dict[str, str]:
+    """``CCGATE_SPEC`` for a cold start: with the spec in its environment the wrapper starts the
+    CLI before its own imports (``wrapper.launch``); a larger spec (long prompts) is read from
+    Redis as before. The environment is the wrapper's (root); the CLI's drops it."""
+    raw = spec.to_json()
+    return {SPEC_ENV: raw} if len(raw.encode()) <= SPEC_ENV_MAX_BYTES else {}
 
 
 class Provisioning(ServiceBase):
@@ -160,7 +173,10 @@ class Provisioning(ServiceBase):
             self.container_spec(
                 name=name,
                 labels=labels,
-                env=self.container_env(sid, env, username, password, proxy_key, proxy_url),
+                env={
+                    **self.container_env(sid, env, username, password, proxy_key, proxy_url),
+                    **spec_env(spec),
+                },
                 workspace_volume=session.workspace_volume,
                 config_volume=config_volume_name(sid),
                 open_egress=egress.get("policy") == "open",

@@ -4,13 +4,13 @@ A pool container is started under a fresh session id (a *slot*): its container n
 volumes (``ccgate-ws-<id>``, ``ccgate-cfg-<id>``), Redis keys and ACL user are those of the
 session that will claim it, which therefore takes over the id. Its wrapper launches the CLI
 with the profile's flags, finishes ``initialize`` and the MCP handshakes, and waits on its
-claim key (wrapper/__main__.py). The workspace question (a volume cannot be added to a running
+claim key (wrapper/serve.py). The workspace question (a volume cannot be added to a running
 container) is answered by ownership: the pool creates the empty workspace volume with the
 container, and the claiming session adopts it — so only creates with an empty (ephemeral)
 workspace can claim; persistent, inherited and cloned workspaces start cold.
 
 Matching is by fingerprint, not by field lists: the SHA-256 of the CLI command line the
-session would run (wrapper.cli_process.build_cli_args, session id blanked) plus what else is
+session would run (wrapper.launch.build_cli_args, session id blanked) plus what else is
 fixed at container start (the user's env, the egress policy, image, runtime, limits). Two
 configs that launch the same CLI in the same container match; anything else misses.
 
@@ -35,7 +35,7 @@ from gateway.config import Settings
 from gateway.db.models import PoolSlot, Session
 from gateway.schemas import SessionConfig
 from gateway.services.provision import session_spec
-from wrapper.cli_process import build_cli_args
+from wrapper.launch import build_cli_args
 from wrapper.protocol import SessionSpec
 
 READY = "ready"

@@ -211,14 +211,13 @@ class DockerRuntime(ContainerRuntime):
         """Create and start the session container with the hardening of the spec."""
 
         def _run() -> ContainerInfo:
-            container = self._docker().containers.create(
-                spec.image,
-                name=spec.name,
-                environment=spec.env,
-                labels={**spec.labels, **self._own},
-                volumes={m.volume: {"bind": m.target, "mode": "rw"} for m in spec.mounts},
-                network=spec.network,
-                user=spec.user,
+            # The low-level API: the models' create() and start() inspect the container after
+            # each call, two round trips on the path to a running container that nothing reads.
+            api = self._docker().api
+            labels = {**spec.labels, **self._own}
+            host_config = api.create_host_config(
+                binds=[f"{m.volume}:{m.target}:rw" for m in spec.mounts],
+                network_mode=spec.network,
                 cap_drop=["ALL"],
                 cap_add=list(spec.cap_add),
                 read_only=spec.read_only,
@@ -234,15 +233,29 @@ class DockerRuntime(ContainerRuntime):
                 log_config=LogConfig(
                     type=LogConfig.types.JSON, config={"max-size": "10m", "max-file": "3"}
                 ),
+            )
+            created = api.create_container(
+                spec.image,
+                name=spec.name,
+                environment=spec.env,
+                labels=labels,
+                user=spec.user,
+                volumes=[m.target for m in spec.mounts],
+                host_config=host_config,
+                networking_config=api.create_networking_config(
+                    {spec.network: api.create_endpoint_config()}
+                ),
                 stop_signal="SIGTERM",
             )
+            container_id = str(created["Id"])
             try:
-                container.start()
-                container.reload()
+                api.start(container_id)
             except BaseException:
-                container.remove(force=True)
+                api.remove_container(container_id, force=True)
                 raise
-            return _info(container)
+            return ContainerInfo(
+                id=container_id, name=spec.name, state=ContainerState.RUNNING, labels=labels
+            )
 
         try:
             return await self._call(_run)

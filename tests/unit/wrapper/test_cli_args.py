@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from wrapper.cli_process import build_cli_args, cli_environment, user_message_line
+from wrapper.cli_process import user_message_line
+from wrapper.launch import build_cli_args, cli_environment
 from wrapper.protocol import SessionSpec
 
 
@@ -59,7 +60,7 @@ def test_cli_environment_drops_claudecode_and_the_redis_credentials() -> None:
 
 
 def test_the_ccgate_tools_join_the_sessions_own_mcp_servers() -> None:
-    from wrapper.sdk_mcp import SDK_SERVER_CONFIG
+    from wrapper.mcp_tools import SDK_SERVER_CONFIG
 
     spec = SessionSpec(session_id="u-3", mcp_servers={"mine": {"command": "x"}})
     args = build_cli_args(
