@@ -192,3 +192,26 @@ async def make_api(e2e_gateway: GatewayServer) -> AsyncIterator[Callable[[], Api
         for session in listing.json().get("sessions", []):
             await api.http.delete(f"/api/v1/sessions/{session['session_id']}")
         await api.http.aclose()
+
+
+@pytest.fixture(autouse=True)
+async def no_leftover_tasks() -> AsyncIterator[None]:
+    """Every test ends the asyncio tasks it started: leftovers are cancelled after the test and
+    must end within 10 s; one that does not fails the test with its stack (it would otherwise
+    hang the run when the session's loop closes)."""
+    import asyncio
+    import io
+
+    before = asyncio.all_tasks()
+    yield
+    left = asyncio.all_tasks() - before - {asyncio.current_task()}
+    left = {t for t in left if not t.done()}
+    for task in left:
+        task.cancel()
+    if left:
+        _, pending = await asyncio.wait(left, timeout=10)
+        if pending:
+            stacks = io.StringIO()
+            for task in pending:
+                task.print_stack(file=stacks)
+            pytest.fail(f"tasks that ignore cancellation:\n{stacks.getvalue()}")
