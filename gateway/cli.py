@@ -1,4 +1,4 @@
-"""The ``ccgate`` command: serve, token, chat, scripted-model."""
+"""The ``ccgate`` command: serve, token, chat, scripted-model, repos."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import uvicorn
 from websockets.asyncio.client import connect
 
 from gateway.auth import mint_token
+from gateway.cli_repos import repos
 from gateway.config import Settings
 
 
@@ -182,6 +183,8 @@ def chat(
         create["workspace"] = {"type": "persistent", "id": workspace_id}
     sys.exit(asyncio.run(_chat(url, tok, session_id, prompt, create)))
 
+
+main.add_command(repos)
 
 if __name__ == "__main__":
     main()

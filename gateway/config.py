@@ -97,6 +97,21 @@ class Settings(BaseSettings):
     artifacts_dir: Path | None = None
     max_artifact_bytes: int = 100 * 1024 * 1024
 
+    repos_dir: Path | None = None
+    """Where registered repositories are cloned (default ``data_dir/repositories``)."""
+    repo_clone_timeout_s: float = Field(default=600.0, gt=0)
+    """Longest clone or pull; longer ones are killed and reported."""
+    repo_max_bytes: int = Field(default=5 * 1024**3, ge=1024)
+    """Largest clone on disk (working tree and .git); a larger one fails and is removed."""
+    repo_file_roots: list[Path] = Field(default_factory=list)
+    """Directories ``file://`` git URLs may point into (JSON list; empty: file URLs refused)."""
+    repo_allow_http: bool = False
+    """Allow plain ``http://`` git URLs (https and ssh are always allowed)."""
+    repo_concurrency: int = Field(default=2, ge=1, le=32)
+    """Clones and pulls running at once on one replica; more wait their turn."""
+    secrets_key: SecretStr | None = None
+    """Key for secrets at rest (deploy keys); default: derived from the JWT secret."""
+
     jwt_secret: SecretStr | None = None
     jwt_secret_file: Path | None = None
     token_ttl_s: int = 24 * 3600
@@ -320,6 +335,11 @@ class Settings(BaseSettings):
         if self.deployment:
             return self.deployment
         return hashlib.sha256(f"{self.db_url}|{self.redis_url}".encode()).hexdigest()[:16]
+
+    @cached_property
+    def repos_path(self) -> Path:
+        """Directory of the registered repositories' clones."""
+        return self.repos_dir or self.data_dir / "repositories"
 
     @cached_property
     def artifacts_path(self) -> Path:

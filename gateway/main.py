@@ -32,6 +32,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 
 from gateway import __version__
 from gateway.api import about, api_router, health, metrics, model_proxy
+from gateway.auth.secret_box import SecretBox
 from gateway.bodylimit import BodyLimitMiddleware
 from gateway.config import Settings
 from gateway.db.engine import make_db_factory, make_engine
@@ -53,6 +54,7 @@ from gateway.services.model_proxy import ModelProxy
 from gateway.services.pool_manager import PoolManager
 from gateway.services.ratelimit import UserRateLimiter
 from gateway.services.reaper import Reaper
+from gateway.services.repositories import RepositoryService
 from gateway.services.runtime.docker import DockerRuntime
 from gateway.services.sessions import SessionService
 from gateway.services.warm_pool import resolve_profiles
@@ -227,6 +229,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ledger.on_paused(lifecycle.wake)
         app.state.sessions.wake_lifecycle = lifecycle.wake
         supervisor.start("lifecycle", lifecycle.run)
+        secrets_key = settings.secrets_key.get_secret_value() if settings.secrets_key else jwt_key
+        repositories = RepositoryService(settings, db_factory, SecretBox(secrets_key))
+        app.state.repositories = repositories
+        supervisor.start("repositories", repositories.recover)
         register_gauges(app)
         try:
             await app.state.sessions.network.ensure()
@@ -236,6 +242,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await supervisor.close()
+            await repositories.close()
             await proxy.close()
             await egress.close()
             await ledger.close()

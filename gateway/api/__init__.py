@@ -2,7 +2,17 @@
 
 from fastapi import APIRouter
 
-from gateway.api import artifacts, chat, events, family, health, sessions, stream, usage
+from gateway.api import (
+    artifacts,
+    chat,
+    events,
+    family,
+    health,
+    repositories,
+    sessions,
+    stream,
+    usage,
+)
 from gateway.schemas import API_ERRORS
 
 api_router = APIRouter(prefix="/api/v1", responses=API_ERRORS)
@@ -13,6 +23,7 @@ api_router.include_router(stream.router)
 api_router.include_router(events.router)
 api_router.include_router(artifacts.router)
 api_router.include_router(usage.router)
+api_router.include_router(repositories.router)
 api_router.include_router(health.router)
 
 __all__ = ["api_router", "health"]

@@ -1,10 +1,12 @@
-"""Tables: Session, SpawnTree, Turn, Artifact, Event, DeadLetter, ModelRequest, UsageDay.
+"""Tables: Session, SpawnTree, Turn, Artifact, Event, DeadLetter, ModelRequest, UsageDay,
+PoolSlot, Repository.
 
 One Session row per ccgate session (its container, status and running totals); one Turn row per
 prompt (``id`` is the ``message_id`` the API returns); one Artifact row per file collected from the
 workspace; one Event row per envelope persisted by the ledger (``(session_id, seq)`` unique); one
 DeadLetter row per stream entry the ledger gave up on; one ModelRequest row per Messages API
-request the model proxy forwarded (the metered cost); one UsageDay row per user and UTC day. The
+request the model proxy forwarded (the metered cost); one UsageDay row per user and UTC day; one
+Repository row per registered git repository. The
 schema is versioned by Alembic
 (``gateway/db/migrations``); a change here needs a new revision there.
 """
@@ -15,7 +17,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Text
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -296,3 +298,46 @@ class UsageDay(SQLModel, table=True):
     output_tokens: int = 0
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+
+
+class RepositoryStatus(StrEnum):
+    """A registered repository: ``cloning`` (first clone running), ``ready`` (clone usable;
+    also while a pull runs, see ``Repository.pulling``), ``failed`` (the clone failed: ``error``
+    says why; a pull retries it)."""
+
+    CLONING = "cloning"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class Repository(SQLModel, table=True):
+    """A git repository registered by a user and cloned once on the gateway's host
+    (``CCGATE_REPOS_DIR/<id>``); jobs get copies of that clone. ``name`` is unique per owner.
+    ``worker`` and ``heartbeat_at`` say which replica runs the clone or pull in progress, so
+    another one takes it over when that replica is gone."""
+
+    __tablename__ = "repository"
+    __table_args__ = (UniqueConstraint("owner", "name", name="uq_repository_owner_name"),)
+
+    id: str = Field(primary_key=True, max_length=36)
+    owner: str = Field(index=True, max_length=255)
+    name: str = Field(max_length=100)
+    git_url: str = Field(max_length=2048)
+    branch: str | None = Field(default=None, max_length=255)
+    """The branch asked for; None: the remote's default (``head_branch`` tells which)."""
+    description: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    deploy_key: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    """The SSH deploy key, sealed (auth/secret_box.py); never returned."""
+    status: RepositoryStatus = Field(default=RepositoryStatus.CLONING)
+    pulling: bool = False
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    head_branch: str | None = Field(default=None, max_length=255)
+    head_commit: str | None = Field(default=None, max_length=64)
+    head_date: datetime | None = _ts(nullable=True)
+    head_subject: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    size_bytes: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    worker: str | None = Field(default=None, max_length=64)
+    heartbeat_at: datetime | None = _ts(nullable=True)
+    created_at: datetime = _ts(nullable=False, default=utcnow)
+    updated_at: datetime = _ts(nullable=False, default=utcnow)
+    pulled_at: datetime | None = _ts(nullable=True)
