@@ -1,13 +1,14 @@
-"""Request and response bodies of the batch resources: registered repositories (and, as they
-land, jobs and MCP profiles). Shapes follow Claude Batch Server's repository API."""
+"""Request and response bodies of the batch resources: registered repositories (shapes of
+Claude Batch Server's repository API) and MCP profiles (claude-code-ops' ``/api/mcp-profiles``)."""
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.db.models import Repository, RepositoryStatus, as_utc
+from gateway.db.models import McpProfile, Repository, RepositoryStatus, as_utc
 
 
 class RepositoryCreate(BaseModel):
@@ -90,6 +91,62 @@ class RepositoryList(BaseModel):
     """``GET /repositories`` answer."""
 
     repositories: list[RepositoryPublic]
+    total: int
+    limit: int
+    offset: int
+
+
+class McpProfileBody(BaseModel):
+    """``POST /mcp-profiles`` and ``PUT /mcp-profiles/{name}``: a named set of MCP servers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, description="unique among your profiles")
+    description: str | None = Field(default=None, max_length=10_000)
+    servers: dict[str, dict[str, Any]] = Field(
+        description="Claude Code --mcp-config entries by server name: stdio "
+        "{command, args?, env?} or {type: http|sse, url, headers?}; env and headers values "
+        "are stored encrypted and never returned"
+    )
+
+
+class McpProfilePublic(BaseModel):
+    """A profile as its owner sees it: servers without their env / headers values."""
+
+    id: str
+    name: str
+    description: str | None
+    servers: dict[str, dict[str, Any]]
+    secret_keys: dict[str, dict[str, list[str]]] = Field(
+        description="{server: {env|headers: [names]}} whose values are stored encrypted"
+    )
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, profile: McpProfile) -> McpProfilePublic:
+        """The public view of a row."""
+        from gateway.services.mcp_profiles import SECRET_FIELDS, secret_keys
+
+        servers = {
+            name: {k: v for k, v in config.items() if k not in SECRET_FIELDS}
+            for name, config in profile.servers.items()
+        }
+        return cls(
+            id=profile.id,
+            name=profile.name,
+            description=profile.description,
+            servers=servers,
+            secret_keys=secret_keys(profile),
+            created_at=as_utc(profile.created_at) or profile.created_at,
+            updated_at=as_utc(profile.updated_at) or profile.updated_at,
+        )
+
+
+class McpProfileList(BaseModel):
+    """``GET /mcp-profiles`` answer."""
+
+    profiles: list[McpProfilePublic]
     total: int
     limit: int
     offset: int

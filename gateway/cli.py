@@ -1,4 +1,4 @@
-"""The ``ccgate`` command: serve, token, chat, scripted-model, repos."""
+"""The ``ccgate`` command: serve, token, chat, scripted-model, repos, profiles."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import uvicorn
 from websockets.asyncio.client import connect
 
 from gateway.auth import mint_token
+from gateway.cli_profiles import profiles
 from gateway.cli_repos import repos
 from gateway.config import Settings
 
@@ -185,6 +186,7 @@ def chat(
 
 
 main.add_command(repos)
+main.add_command(profiles)
 
 if __name__ == "__main__":
     main()

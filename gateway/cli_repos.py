@@ -3,7 +3,6 @@ client of ``/api/v1/repositories``; ``CCGATE_URL`` and ``CCGATE_TOKEN`` as for `
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -12,40 +11,9 @@ from typing import Any
 import click
 import httpx
 
-_URL = click.option(
-    "--url",
-    default=lambda: os.environ.get("CCGATE_URL", "http://127.0.0.1:8000"),
-    help="Gateway (or CCGATE_URL).",
-)
-_TOKEN = click.option(
-    "--token", "tok", default=lambda: os.environ.get("CCGATE_TOKEN"), help="JWT (or CCGATE_TOKEN)."
-)
-
-
-def client(url: str, tok: str | None) -> httpx.Client:
-    """An API client for ``url`` (the ``/api/v1`` root) logged in with ``tok``."""
-    if not tok:
-        raise click.UsageError(
-            "a token is needed: --token or CCGATE_TOKEN (mint one with `ccgate token USER`)"
-        )
-    return httpx.Client(
-        base_url=url.rstrip("/") + "/api/v1",
-        headers={"Authorization": f"Bearer {tok}"},
-        timeout=60,
-    )
-
-
-def answer(response: httpx.Response, *expected: int) -> Any:
-    """The response's JSON when its status is expected; else print the gateway's message and
-    exit 1."""
-    if response.status_code in expected:
-        return response.json() if response.content else None
-    try:
-        detail = response.json().get("detail", response.text)
-    except ValueError:
-        detail = response.text
-    click.echo(f"error {response.status_code}: {detail}", err=True)
-    sys.exit(1)
+from gateway.cli_client import TOKEN_OPTION as _TOKEN
+from gateway.cli_client import URL_OPTION as _URL
+from gateway.cli_client import answer, client
 
 
 def describe(repo: dict[str, Any]) -> str:

@@ -50,6 +50,7 @@ from gateway.services.event_hub import EventHub
 from gateway.services.lease import Lease
 from gateway.services.ledger import Ledger
 from gateway.services.lifecycle_loop import LifecycleLoop
+from gateway.services.mcp_profiles import McpProfiles
 from gateway.services.model_proxy import ModelProxy
 from gateway.services.pool_manager import PoolManager
 from gateway.services.ratelimit import UserRateLimiter
@@ -230,7 +231,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sessions.wake_lifecycle = lifecycle.wake
         supervisor.start("lifecycle", lifecycle.run)
         secrets_key = settings.secrets_key.get_secret_value() if settings.secrets_key else jwt_key
-        repositories = RepositoryService(settings, db_factory, SecretBox(secrets_key))
+        secret_box = SecretBox(secrets_key)
+        repositories = RepositoryService(settings, db_factory, secret_box)
+        app.state.mcp_profiles = McpProfiles(secret_box)
         app.state.repositories = repositories
         supervisor.start("repositories", repositories.recover)
         register_gauges(app)

@@ -8,6 +8,7 @@ from gateway.api import (
     events,
     family,
     health,
+    mcp_profiles,
     repositories,
     sessions,
     stream,
@@ -24,6 +25,7 @@ api_router.include_router(events.router)
 api_router.include_router(artifacts.router)
 api_router.include_router(usage.router)
 api_router.include_router(repositories.router)
+api_router.include_router(mcp_profiles.router)
 api_router.include_router(health.router)
 
 __all__ = ["api_router", "health"]

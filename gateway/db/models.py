@@ -1,12 +1,12 @@
 """Tables: Session, SpawnTree, Turn, Artifact, Event, DeadLetter, ModelRequest, UsageDay,
-PoolSlot, Repository.
+PoolSlot, Repository, McpProfile.
 
 One Session row per ccgate session (its container, status and running totals); one Turn row per
 prompt (``id`` is the ``message_id`` the API returns); one Artifact row per file collected from the
 workspace; one Event row per envelope persisted by the ledger (``(session_id, seq)`` unique); one
 DeadLetter row per stream entry the ledger gave up on; one ModelRequest row per Messages API
 request the model proxy forwarded (the metered cost); one UsageDay row per user and UTC day; one
-Repository row per registered git repository. The
+Repository row per registered git repository; one McpProfile row per saved set of MCP servers. The
 schema is versioned by Alembic
 (``gateway/db/migrations``); a change here needs a new revision there.
 """
@@ -341,3 +341,21 @@ class Repository(SQLModel, table=True):
     created_at: datetime = _ts(nullable=False, default=utcnow)
     updated_at: datetime = _ts(nullable=False, default=utcnow)
     pulled_at: datetime | None = _ts(nullable=True)
+
+
+class McpProfile(SQLModel, table=True):
+    """A reusable set of MCP servers a user attaches to jobs and sessions. ``servers`` holds
+    their configs with every ``env`` and ``headers`` value blanked; the values are in
+    ``secrets``, sealed (auth/secret_box.py), and never returned."""
+
+    __tablename__ = "mcp_profile"
+    __table_args__ = (UniqueConstraint("owner", "name", name="uq_mcp_profile_owner_name"),)
+
+    id: str = Field(primary_key=True, max_length=36)
+    owner: str = Field(index=True, max_length=255)
+    name: str = Field(max_length=100)
+    description: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    servers: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    secrets: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: datetime = _ts(nullable=False, default=utcnow)
+    updated_at: datetime = _ts(nullable=False, default=utcnow)
