@@ -8,6 +8,7 @@ artifacts in a local directory (set ``CCGATE_S3_ENDPOINT`` for S3/MinIO), Docker
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import secrets
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.auth.secret_box import SecretBox
 from gateway.services.admission import Limits
 from gateway.services.metering.prices import ModelPrice
 
@@ -393,6 +395,11 @@ class Settings(BaseSettings):
             retry_after_s=self.admission_retry_after_s,
         )
 
+    def secret_box(self) -> SecretBox:
+        """The box for secrets at rest: CCGATE_SECRETS_KEY, else derived from the JWT key."""
+        secret = self.secrets_key.get_secret_value() if self.secrets_key else self.jwt_key()
+        return _box(secret)
+
     def jwt_key(self) -> str:
         """The HS256 signing key: CCGATE_JWT_SECRET, else a secret file created on first use."""
         if self.jwt_secret is not None:
@@ -403,3 +410,9 @@ class Settings(BaseSettings):
             path.touch(mode=0o600)
             path.write_text(secrets.token_urlsafe(48))
         return path.read_text().strip()
+
+
+@functools.lru_cache(maxsize=8)
+def _box(secret: str) -> SecretBox:
+    """One SecretBox per secret (deriving its key costs an HKDF)."""
+    return SecretBox(secret)

@@ -32,7 +32,6 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 
 from gateway import __version__
 from gateway.api import about, api_router, health, metrics, model_proxy
-from gateway.auth.secret_box import SecretBox
 from gateway.bodylimit import BodyLimitMiddleware
 from gateway.config import Settings
 from gateway.db.engine import make_db_factory, make_engine
@@ -230,8 +229,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ledger.on_paused(lifecycle.wake)
         app.state.sessions.wake_lifecycle = lifecycle.wake
         supervisor.start("lifecycle", lifecycle.run)
-        secrets_key = settings.secrets_key.get_secret_value() if settings.secrets_key else jwt_key
-        secret_box = SecretBox(secrets_key)
+        secret_box = settings.secret_box()
         repositories = RepositoryService(settings, db_factory, secret_box)
         app.state.mcp_profiles = McpProfiles(secret_box)
         app.state.repositories = repositories

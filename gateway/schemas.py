@@ -125,6 +125,10 @@ class SessionConfig(_Strict):
     """Cost budget (USD) of this session alone, enforced by the model proxy."""
     timeout_seconds: float | None = Field(default=None, gt=0, le=86_400)
     mcp_servers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    mcp_profiles: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]] = Field(
+        default_factory=list, max_length=10
+    )
+    """Names of your MCP profiles whose servers join ``mcp_servers`` (secrets included)."""
     env: dict[str, str] = Field(default_factory=dict)
     include_partial_messages: bool = False
     egress: EgressConfig = Field(default_factory=EgressConfig)

@@ -16,6 +16,7 @@ from gateway.schemas import (
     WorkspacePublic,
 )
 from gateway.services import family
+from gateway.services.mcp_profiles import PROFILE_SERVERS_KEY
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
 
@@ -42,7 +43,7 @@ def session_public(session: Session, child_ids: list[str]) -> SessionPublic:
         workspace=WorkspacePublic(type=session.workspace_type, id=session.workspace_id),
         depth=session.depth,
         root_session_id=session.root_id,
-        config=session.config,
+        config={k: v for k, v in session.config.items() if k != PROFILE_SERVERS_KEY},
         cli_session_id=session.cli_session_id,
         error=session.error,
         paused_reason=session.paused_reason,

@@ -7,6 +7,7 @@ spawn limit) reaches the client."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from gateway.errors import (
 from gateway.schemas import SessionConfig, SessionCreate, SpawnRequest
 from gateway.services import admission, tree
 from gateway.services.callbacks import resolve_callback
+from gateway.services.mcp_profiles import PROFILE_SERVERS_KEY, McpProfiles, attach
 from gateway.services.metering.credentials import new_proxy_key
 from gateway.services.pool_claim import PoolClaims
 from gateway.services.provision import session_spec, workspace_volume_name
@@ -160,6 +162,7 @@ class Creation(PoolClaims, TurnOps):
         parent = new.parent
         if parent is not None and not parent.status.live:
             raise Conflict(f"parent session {parent.id} is {parent.status.value}")
+        sealed_profiles = await self._profile_servers(db, new)
         await admission.lock(db)
         status = SessionStatus.STARTING
         ahead = 0
@@ -180,6 +183,8 @@ class Creation(PoolClaims, TurnOps):
             "max_budget_usd": tree_budget,
             "session_budget_usd": session_budget,
         }
+        if sealed_profiles is not None:
+            stored[PROFILE_SERVERS_KEY] = sealed_profiles
         try:
             await admission.check_capacity(db, new.owner, limits, memory=False)
             if self.pool_profiles:
@@ -239,6 +244,21 @@ class Creation(PoolClaims, TurnOps):
         db.add(session)
         await db.commit()
         return session, proxy_key
+
+    async def _profile_servers(self, db: AsyncSession, new: _NewSession) -> str | None:
+        """The servers of the config's MCP profiles, sealed for the stored config (None when
+        it names none). Raises InvalidRequest (unknown profile, a server defined twice)."""
+        if not new.config.mcp_profiles:
+            return None
+        box = self.settings.secret_box()
+        servers = await attach(
+            db,
+            McpProfiles(box),
+            owner=new.owner,
+            names=new.config.mcp_profiles,
+            own_servers=new.config.mcp_servers,
+        )
+        return box.seal(json.dumps(servers))
 
     async def start_queued(self, sid: str) -> bool:
         """Start a queued session if there is room: queued -> starting, then its volumes and

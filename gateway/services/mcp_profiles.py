@@ -29,6 +29,8 @@ MAX_SERVERS = 20
 SECRET_FIELDS = ("env", "headers")
 _STDIO_KEYS = {"type", "command", "args", "env"}
 _REMOTE_KEYS = {"type", "url", "headers"}
+PROFILE_SERVERS_KEY = "mcp_profile_servers"
+"""Key in a session's stored config: its profiles' servers, resolved at create and sealed."""
 RESERVED = frozenset({"ccgate"})
 """Server names ccgate itself uses in every session."""
 
@@ -210,6 +212,42 @@ class McpProfiles:
             if name in servers:
                 servers[name].update(fields)
         return servers
+
+
+async def attach(
+    db: AsyncSession,
+    profiles: McpProfiles,
+    *,
+    owner: str,
+    names: list[str],
+    own_servers: dict[str, Any],
+) -> dict[str, dict[str, Any]]:
+    """The servers of the owner's profiles ``names`` (secrets included), for a session whose
+    config also has ``own_servers``. Raises InvalidRequest for an unknown profile or a server
+    name given twice."""
+    servers: dict[str, dict[str, Any]] = {}
+    for name in names:
+        try:
+            profile = await profiles.get(db, owner=owner, name=name)
+        except NotFound as exc:
+            raise InvalidRequest(f"config.mcp_profiles: no MCP profile named {name!r}") from exc
+        for server, config in profiles.resolve(profile).items():
+            if server in servers or server in own_servers:
+                raise InvalidRequest(
+                    f"config.mcp_profiles: MCP server {server!r} is defined twice "
+                    f"(profile {name!r} and another profile or config.mcp_servers)"
+                )
+            servers[server] = config
+    return servers
+
+
+def sealed_servers(box: SecretBox, config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The profile servers sealed into a session's stored config (none: {})."""
+    sealed = config.get(PROFILE_SERVERS_KEY)
+    if not sealed:
+        return {}
+    servers: dict[str, dict[str, Any]] = json.loads(box.open(str(sealed)))
+    return servers
 
 
 def secret_keys(profile: McpProfile) -> dict[str, dict[str, list[str]]]:

@@ -23,6 +23,7 @@ from gateway.errors import (
     GatewayError,
 )
 from gateway.services import session_redis, tree
+from gateway.services.mcp_profiles import sealed_servers
 from gateway.services.network import open_network
 from gateway.services.runtime import ContainerSpec, VolumeMount
 from gateway.services.runtime.base import (
@@ -69,7 +70,10 @@ def session_spec(
         permission_mode=cfg.get("permission_mode") or settings.default_permission_mode,
         max_turns=cfg.get("max_turns"),
         timeout_seconds=cfg.get("timeout_seconds"),
-        mcp_servers=dict(cfg.get("mcp_servers") or {}),
+        mcp_servers={
+            **(cfg.get("mcp_servers") or {}),
+            **sealed_servers(settings.secret_box(), cfg),
+        },
         include_partial_messages=bool(cfg.get("include_partial_messages")),
         gateway_url=settings.gateway_url_for_containers(),
         interrupt_grace_s=settings.interrupt_grace_s,

@@ -103,6 +103,11 @@ def resolve_profiles(settings: Settings) -> list[Profile]:
                 f"CCGATE_WARM_POOL profile {item.name}: egress allowlist sessions start cold "
                 f"(their forward proxy is made per session); use none or open"
             )
+        if config.mcp_profiles:
+            raise ValueError(
+                f"CCGATE_WARM_POOL profile {item.name}: mcp_profiles belong to a user; "
+                "give the servers in mcp_servers"
+            )
         stored = config.model_dump(mode="json")
         spec = _spec_for(settings, "profile", stored)
         profiles.append(

@@ -94,6 +94,9 @@ def test_bad_profiles_stop_the_start_with_a_message_naming_them() -> None:
     )  # fmt: skip
     with pytest.raises(ValueError, match="profile web: egress allowlist sessions start cold"):
         resolve_profiles(allowlist)
+    owned = _settings(warm_pool=[PoolProfile(name="gh", config={"mcp_profiles": ["dev"]})])
+    with pytest.raises(ValueError, match="profile gh: mcp_profiles belong to a user"):
+        resolve_profiles(owned)
     typo = _settings(warm_pool=[PoolProfile(name="typo", config={"modle": "x"})])
     with pytest.raises(ValueError, match="CCGATE_WARM_POOL profile typo"):
         resolve_profiles(typo)
