@@ -14,16 +14,16 @@ import re
 import uuid
 from typing import Any
 
-from sqlalchemy import delete, func
+from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, select
+from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.auth.secret_box import SecretBox, SecretUnreadable
 from gateway.db.models import McpProfile, utcnow
 from gateway.errors import Conflict, InvalidRequest, NotFound
+from gateway.services import owned
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 SERVER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_SERVERS = 20
 SECRET_FIELDS = ("env", "headers")
@@ -115,11 +115,7 @@ class McpProfiles:
         servers: dict[str, Any],
     ) -> McpProfile:
         """Save a profile; InvalidRequest for a bad name or server, Conflict for a taken name."""
-        if not NAME.match(name):
-            raise InvalidRequest(
-                "name must be 1-100 letters, digits, '.', '_' or '-', starting with a letter "
-                "or digit"
-            )
+        owned.check_name(name)
         public, sealed = self._sealed(servers)
         profile = McpProfile(
             id=str(uuid.uuid4()),
@@ -159,32 +155,11 @@ class McpProfiles:
         self, db: AsyncSession, *, owner: str, limit: int, offset: int
     ) -> tuple[list[McpProfile], int]:
         """The owner's profiles by name, one page, and how many there are."""
-        rows = await db.exec(
-            select(McpProfile)
-            .where(col(McpProfile.owner) == owner)
-            .order_by(col(McpProfile.name))
-            .limit(limit)
-            .offset(offset)
-        )
-        total = (
-            await db.exec(
-                select(func.count()).select_from(McpProfile).where(col(McpProfile.owner) == owner)
-            )
-        ).one()
-        return list(rows.all()), total
+        return await owned.page(db, McpProfile, owner=owner, limit=limit, offset=offset)
 
     async def get(self, db: AsyncSession, *, owner: str, name: str) -> McpProfile:
         """The owner's profile called ``name``; NotFound otherwise (also another user's)."""
-        profile = (
-            await db.exec(
-                select(McpProfile).where(
-                    col(McpProfile.owner) == owner, col(McpProfile.name) == name
-                )
-            )
-        ).first()
-        if profile is None:
-            raise NotFound(f"MCP profile {name!r} not found")
-        return profile
+        return await owned.by_name(db, McpProfile, owner=owner, name=name, what="MCP profile")
 
     async def delete(self, db: AsyncSession, *, owner: str, name: str) -> None:
         """Remove a profile (sessions that started with it keep their servers)."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import shutil
 import uuid
 from collections.abc import Coroutine
@@ -27,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, or_, update
+from sqlalchemy import delete, or_, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
@@ -36,12 +35,12 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from gateway.auth.secret_box import SecretBox, SecretUnreadable
 from gateway.config import Settings
 from gateway.db.models import Repository, RepositoryStatus, utcnow
-from gateway.errors import Conflict, InvalidRequest, NotFound
+from gateway.errors import Conflict, InvalidRequest
+from gateway.services import owned
 from gateway.services.git import GitFailed, UrlPolicy, check_url, run_git, tree_size
 
 logger = logging.getLogger(__name__)
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 HEARTBEAT_S = 10.0
 STALE_S = 45.0
 SIZE_CHECK_S = 2.0
@@ -84,11 +83,7 @@ class RepositoryService:
     ) -> Repository:
         """Insert the repository (``cloning``) and start its clone. Raises InvalidRequest (a
         bad name, URL, branch or key) or Conflict (the owner has one of that name)."""
-        if not NAME.match(name):
-            raise InvalidRequest(
-                "name must be 1-100 characters of letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit"
-            )
+        owned.check_name(name)
         scheme = check_url(git_url, self._policy)
         if branch is not None and (not branch or branch.startswith("-") or ".." in branch):
             raise InvalidRequest(f"branch {branch!r} is not a valid branch name")
@@ -121,32 +116,11 @@ class RepositoryService:
         self, db: AsyncSession, *, owner: str, limit: int, offset: int
     ) -> tuple[list[Repository], int]:
         """The owner's repositories by name, one page, and how many there are."""
-        rows = await db.exec(
-            select(Repository)
-            .where(col(Repository.owner) == owner)
-            .order_by(col(Repository.name))
-            .limit(limit)
-            .offset(offset)
-        )
-        total = (
-            await db.exec(
-                select(func.count()).select_from(Repository).where(col(Repository.owner) == owner)
-            )
-        ).one()
-        return list(rows.all()), total
+        return await owned.page(db, Repository, owner=owner, limit=limit, offset=offset)
 
     async def get(self, db: AsyncSession, *, owner: str, name: str) -> Repository:
         """The owner's repository called ``name``; NotFound otherwise (also for another's)."""
-        repo = (
-            await db.exec(
-                select(Repository).where(
-                    col(Repository.owner) == owner, col(Repository.name) == name
-                )
-            )
-        ).first()
-        if repo is None:
-            raise NotFound(f"repository {name!r} not found")
-        return repo
+        return await owned.by_name(db, Repository, owner=owner, name=name, what="repository")
 
     async def pull(self, db: AsyncSession, *, owner: str, name: str) -> Repository:
         """Start a pull (a failed repository: a new clone). Conflict while one runs."""
