@@ -230,7 +230,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sessions.wake_lifecycle = lifecycle.wake
         supervisor.start("lifecycle", lifecycle.run)
         secret_box = settings.secret_box()
-        repositories = RepositoryService(settings, db_factory, secret_box)
+        repositories = RepositoryService(settings, db_factory, secret_box, metrics_)
         app.state.mcp_profiles = McpProfiles(secret_box)
         app.state.repositories = repositories
         supervisor.start("repositories", repositories.recover)

@@ -153,6 +153,20 @@ class Metrics:
             "Running turns flagged for producing no event for CCGATE_TURN_SILENCE_S",
             registry=r,
         )
+        self.repo_operations = Counter(
+            "ccgate_repo_operations",
+            "Repository clones and pulls finished, by operation (clone|pull) and outcome "
+            "(ok|failed)",
+            ["operation", "outcome"],
+            registry=r,
+        )
+        self.repo_operation_seconds = Histogram(
+            "ccgate_repo_operation_seconds",
+            "A repository clone or pull from its start to its outcome, by operation",
+            ["operation"],
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
         self.pool_claims = Counter(
             "ccgate_pool_claims",
             "Creates served by a warm-pool container, by pool profile",

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import time
 import uuid
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
@@ -36,6 +37,7 @@ from gateway.auth.secret_box import SecretBox, SecretUnreadable
 from gateway.config import Settings
 from gateway.db.models import Repository, RepositoryStatus, utcnow
 from gateway.errors import Conflict, InvalidRequest
+from gateway.metrics import Metrics
 from gateway.services import owned
 from gateway.services.git import GitFailed, UrlPolicy, check_url, run_git, tree_size
 
@@ -56,10 +58,12 @@ class RepositoryService:
         settings: Settings,
         db_factory: async_sessionmaker[AsyncSession],
         secret_box: SecretBox,
+        metrics: Metrics,
     ) -> None:
         self._settings = settings
         self._db_factory = db_factory
         self._box = secret_box
+        self._metrics = metrics
         self._policy = UrlPolicy(
             allow_http=settings.repo_allow_http, file_roots=tuple(settings.repo_file_roots)
         )
@@ -231,10 +235,15 @@ class RepositoryService:
                     repo = await db.get(Repository, repo_id)
                 if repo is None:
                     return
-                if repo.status is RepositoryStatus.CLONING:
-                    await self._clone(repo)
-                elif repo.pulling:
-                    await self._pull(repo)
+                operation = "clone" if repo.status is RepositoryStatus.CLONING else "pull"
+                if operation == "pull" and not repo.pulling:
+                    return
+                started = time.monotonic()
+                ok = await (self._clone(repo) if operation == "clone" else self._pull(repo))
+                self._metrics.repo_operations.labels(operation, "ok" if ok else "failed").inc()
+                self._metrics.repo_operation_seconds.labels(operation).observe(
+                    time.monotonic() - started
+                )
         except Exception:
             error_id = uuid.uuid4().hex[:12]
             logger.exception("repositories: work on %s failed (error id %s)", repo_id, error_id)
@@ -272,7 +281,7 @@ class RepositoryService:
                 "register the repository again"
             ) from exc
 
-    async def _clone(self, repo: Repository) -> None:
+    async def _clone(self, repo: Repository) -> bool:
         target = self.path(repo.id)
         staging = target.with_name(f"{repo.id}.clone-{uuid.uuid4().hex[:8]}")
         await asyncio.to_thread(shutil.rmtree, target, ignore_errors=True)
@@ -295,7 +304,7 @@ class RepositoryService:
         except GitFailed as exc:
             await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
             await self._finish(repo.id, {"status": RepositoryStatus.FAILED, "error": str(exc)})
-            return
+            return False
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
             raise
@@ -303,8 +312,9 @@ class RepositoryService:
         await self._finish(
             repo.id, {**meta, "status": RepositoryStatus.READY, "error": None, "pulled_at": now}
         )
+        return True
 
-    async def _pull(self, repo: Repository) -> None:
+    async def _pull(self, repo: Repository) -> bool:
         target = self.path(repo.id)
         branch = repo.branch or repo.head_branch or "HEAD"
         timeout_s = self._settings.repo_clone_timeout_s
@@ -328,10 +338,11 @@ class RepositoryService:
             meta = await self._metadata(target)
         except GitFailed as exc:
             await self._finish(repo.id, {"pulling": False, "error": f"pull failed: {exc}"})
-            return
+            return False
         await self._finish(
             repo.id, {**meta, "pulling": False, "error": None, "pulled_at": utcnow()}
         )
+        return True
 
     async def _bounded(self, command: Coroutine[Any, Any, str], directory: Path) -> None:
         """Run a git coroutine while watching ``directory``'s size; over the limit it is

@@ -164,6 +164,10 @@ async def test_a_file_url_is_cloned_with_its_metadata_and_pulled_again(
     assert pulled["pulled_at"] > repo["pulled_at"]
     listing = (await http.get("/repositories")).json()
     assert listing["total"] == 1 and [x["name"] for x in listing["repositories"]] == ["app"]
+    metrics = (await http.get(f"{gateway.url}/metrics")).text
+    assert 'ccgate_repo_operations_total{operation="clone",outcome="ok"}' in metrics
+    assert 'ccgate_repo_operations_total{operation="pull",outcome="ok"}' in metrics
+    assert 'ccgate_repo_operation_seconds_count{operation="clone"}' in metrics
 
 
 async def test_a_broken_remote_fails_with_gits_reason_and_a_pull_clones_again(
@@ -239,6 +243,8 @@ async def test_the_size_limit_and_the_clone_timeout_fail_the_clone_and_leave_not
     ).status_code == 202
     big = await settled(http, "big")
     assert big["status"] == "failed" and "larger than 2097152 bytes" in big["error"], big
+    failed = (await http.get(f"{gateway.url}/metrics")).text
+    assert 'ccgate_repo_operations_total{operation="clone",outcome="failed"}' in failed
     assert not (gateway.settings.repos_path / big["id"]).exists()
 
     r = await http.post("/repositories", json={"name": "slow", "git_url": hanging_remote})
