@@ -23,6 +23,7 @@ import re
 import signal
 import tempfile
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -30,6 +31,8 @@ from gateway.errors import InvalidRequest
 
 _SCP_LIKE = re.compile(r"^(?P<user>[A-Za-z0-9._-]+)@(?P<host>[A-Za-z0-9.-]+):(?P<path>[^/].*)$")
 _STDERR_TAIL = 2000
+GIT_LOCAL_TIMEOUT_S = 30.0
+"""Bound of a git command that only reads or writes the local clone."""
 
 
 class GitFailed(Exception):
@@ -174,3 +177,23 @@ def tree_size(path: Path) -> int:
                 st = os.lstat(os.path.join(top, name))
                 total += st.st_size
     return total
+
+
+async def head_metadata(directory: Path, policy: UrlPolicy) -> dict[str, object]:
+    """A clone's checked-out branch, head commit, its committer date (UTC) and subject, and
+    the clone's size in bytes, as Repository column values. Raises GitFailed."""
+
+    async def git(*args: str) -> str:
+        out = await run_git(list(args), policy=policy, timeout_s=GIT_LOCAL_TIMEOUT_S, cwd=directory)
+        return out.strip()
+
+    branch = await git("rev-parse", "--abbrev-ref", "HEAD")
+    head = await git("log", "-1", "--format=%H%x1f%cI%x1f%s")
+    commit, date, subject = head.split("\x1f", 2)
+    return {
+        "head_branch": branch,
+        "head_commit": commit,
+        "head_date": datetime.fromisoformat(date).astimezone(UTC),
+        "head_subject": subject[:2000],
+        "size_bytes": await asyncio.to_thread(tree_size, directory),
+    }

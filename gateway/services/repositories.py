@@ -23,7 +23,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Coroutine
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,15 @@ from gateway.db.models import Repository, RepositoryStatus, utcnow
 from gateway.errors import Conflict, InvalidRequest
 from gateway.metrics import Metrics
 from gateway.services import owned
-from gateway.services.git import GitFailed, UrlPolicy, check_url, run_git, tree_size
+from gateway.services.git import (
+    GIT_LOCAL_TIMEOUT_S,
+    GitFailed,
+    UrlPolicy,
+    check_url,
+    head_metadata,
+    run_git,
+    tree_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +55,6 @@ HEARTBEAT_S = 10.0
 STALE_S = 45.0
 SIZE_CHECK_S = 2.0
 RECOVER_INTERVAL_S = 15.0
-_META_TIMEOUT_S = 30.0
 
 
 class RepositoryService:
@@ -299,7 +306,7 @@ class RepositoryService:
                 ),
                 staging,
             )
-            meta = await self._metadata(staging)
+            meta = await head_metadata(staging, self._policy)
             await asyncio.to_thread(staging.rename, target)
         except GitFailed as exc:
             await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
@@ -332,10 +339,10 @@ class RepositoryService:
             await run_git(
                 ["reset", "--hard", "FETCH_HEAD"],
                 policy=self._policy,
-                timeout_s=_META_TIMEOUT_S,
+                timeout_s=GIT_LOCAL_TIMEOUT_S,
                 cwd=target,
             )
-            meta = await self._metadata(target)
+            meta = await head_metadata(target, self._policy)
         except GitFailed as exc:
             await self._finish(repo.id, {"pulling": False, "error": f"pull failed: {exc}"})
             return False
@@ -371,28 +378,6 @@ class RepositoryService:
         size = await asyncio.to_thread(tree_size, directory)
         if size > limit:
             raise GitFailed(f"the repository is larger than {limit} bytes (CCGATE_REPO_MAX_BYTES)")
-
-    async def _metadata(self, directory: Path) -> dict[str, object]:
-        """Branch, head commit, its committer date and subject, size of a clone."""
-
-        async def git(*args: str) -> str:
-            return (
-                await run_git(
-                    list(args), policy=self._policy, timeout_s=_META_TIMEOUT_S, cwd=directory
-                )
-            ).strip()
-
-        branch = await git("rev-parse", "--abbrev-ref", "HEAD")
-        commit, date, subject = (await git("log", "-1", "--format=%H%x1f%cI%x1f%s")).split(
-            "\x1f", 2
-        )
-        return {
-            "head_branch": branch,
-            "head_commit": commit,
-            "head_date": datetime.fromisoformat(date).astimezone(UTC),
-            "head_subject": subject[:2000],
-            "size_bytes": await asyncio.to_thread(tree_size, directory),
-        }
 
     async def _finish(self, repo_id: str, values: dict[str, object]) -> None:
         """Write the outcome if this replica still owns the work (retried while the database
