@@ -34,8 +34,13 @@ def _remove_pool(client: docker.DockerClient, deployment: str) -> None:
     labels = {"label": [POOL, f"ccgate.deployment={deployment}"]}
     # Sparse: no per-container inspect, which races with removals still under way.
     for container in client.containers.list(all=True, filters=labels, sparse=True):
-        with contextlib.suppress(docker.errors.NotFound):
+        try:
             container.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:  # the gateway is removing it already
+            if exc.status_code != 409:
+                raise
     for volume in client.volumes.list(filters=labels):
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
             volume.remove(force=True)
