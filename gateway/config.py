@@ -19,9 +19,10 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from gateway.auth.secret_box import SecretBox
+from gateway.batch_config import BatchSettings
 from gateway.services.admission import Limits
 from gateway.services.metering.prices import ModelPrice
 
@@ -67,7 +68,7 @@ class PoolProfile(BaseModel):
         return self
 
 
-class Settings(BaseSettings):
+class Settings(BatchSettings):
     """All gateway configuration; see README "Configuration" for the table."""
 
     model_config = SettingsConfigDict(env_prefix="CCGATE_", extra="ignore")
@@ -99,18 +100,6 @@ class Settings(BaseSettings):
     artifacts_dir: Path | None = None
     max_artifact_bytes: int = 100 * 1024 * 1024
 
-    repos_dir: Path | None = None
-    """Where registered repositories are cloned (default ``data_dir/repositories``)."""
-    repo_clone_timeout_s: float = Field(default=600.0, gt=0)
-    """Longest clone or pull; longer ones are killed and reported."""
-    repo_max_bytes: int = Field(default=5 * 1024**3, ge=1024)
-    """Largest clone on disk (working tree and .git); a larger one fails and is removed."""
-    repo_file_roots: list[Path] = Field(default_factory=list)
-    """Directories ``file://`` git URLs may point into (JSON list; empty: file URLs refused)."""
-    repo_allow_http: bool = False
-    """Allow plain ``http://`` git URLs (https and ssh are always allowed)."""
-    repo_concurrency: int = Field(default=2, ge=1, le=32)
-    """Clones and pulls running at once on one replica; more wait their turn."""
     secrets_key: SecretStr | None = None
     """Key for secrets at rest (deploy keys); default: derived from the JWT secret."""
 
@@ -342,6 +331,11 @@ class Settings(BaseSettings):
     def repos_path(self) -> Path:
         """Directory of the registered repositories' clones."""
         return self.repos_dir or self.data_dir / "repositories"
+
+    @cached_property
+    def jobs_path(self) -> Path:
+        """Directory of the job workspaces and uploads."""
+        return self.jobs_dir or self.data_dir / "jobs"
 
     @cached_property
     def artifacts_path(self) -> Path:

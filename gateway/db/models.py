@@ -1,5 +1,5 @@
 """Tables: Session, SpawnTree, Turn, Artifact, Event, DeadLetter, ModelRequest, UsageDay,
-PoolSlot, Repository, McpProfile.
+PoolSlot, Repository, McpProfile, Job.
 
 One Session row per ccgate session (its container, status and running totals); one Turn row per
 prompt (``id`` is the ``message_id`` the API returns); one Artifact row per file collected from the
@@ -45,11 +45,12 @@ class WorkspaceType(StrEnum):
     PERSISTENT = "persistent"  # a named volume of the owner's, kept across sessions
     INHERIT = "inherit"  # a child shares its parent's workspace volume
     CLONE = "clone"  # a child gets a copy of its parent's workspace, made at spawn time
+    JOB = "job"  # a job's workspace (job_workspace.py), made and removed by the job
 
     @property
     def shared(self) -> bool:
         """True when the volume belongs to someone else and outlives this session."""
-        return self in (WorkspaceType.PERSISTENT, WorkspaceType.INHERIT)
+        return self in (WorkspaceType.PERSISTENT, WorkspaceType.INHERIT, WorkspaceType.JOB)
 
 
 class SessionStatus(StrEnum):
@@ -330,6 +331,9 @@ class Repository(SQLModel, table=True):
     """The SSH deploy key, sealed (auth/secret_box.py); never returned."""
     status: RepositoryStatus = Field(default=RepositoryStatus.CLONING)
     pulling: bool = False
+    generation: int = 0
+    """The current clone is ``CCGATE_REPOS_DIR/<id>/g<generation>``; a pull that moves the
+    head makes the next one, so a clone that job workspaces are mounted on never changes."""
     error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     head_branch: str | None = Field(default=None, max_length=255)
     head_commit: str | None = Field(default=None, max_length=64)
@@ -359,3 +363,95 @@ class McpProfile(SQLModel, table=True):
     secrets: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     created_at: datetime = _ts(nullable=False, default=utcnow)
     updated_at: datetime = _ts(nullable=False, default=utcnow)
+
+
+class JobStatus(StrEnum):
+    """A batch job::
+
+    created -> queued -> git_pulling -> running -> completed | failed | timeout
+                 |           |             |
+                 |           v             v
+                 |       git_failed    cancelled (also from created / queued)
+                 +-> cancelled
+    """
+
+    CREATED = "created"  # made with start: false; files may still be uploaded
+    QUEUED = "queued"  # waiting for a slot (global and per-user concurrency)
+    GIT_PULLING = "git_pulling"  # taken from the queue: pulling its repository (git_aware)
+    RUNNING = "running"  # its workspace is made and its session runs the prompt
+    COMPLETED = "completed"
+    FAILED = "failed"
+    GIT_FAILED = "git_failed"  # the pull before the run failed
+    TIMEOUT = "timeout"  # ran past its timeout_s; its session was stopped
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        """True once the job will not change again."""
+        return self in _FINAL_JOB
+
+    @property
+    def active(self) -> bool:
+        """True while it holds a queue slot."""
+        return self in (JobStatus.GIT_PULLING, JobStatus.RUNNING)
+
+
+_FINAL_JOB = frozenset(
+    {
+        JobStatus.COMPLETED,
+        JobStatus.FAILED,
+        JobStatus.GIT_FAILED,
+        JobStatus.TIMEOUT,
+        JobStatus.CANCELLED,
+    }
+)
+
+
+class Job(SQLModel, table=True):
+    """A batch job: one prompt run on a workspace (a repository's clone, a git URL, a zip or
+    nothing) by one ccgate session, with its files, its result and its cost.
+
+    ``source`` is ``{"type": "repository", "repository": name, "git_aware": bool}`` |
+    ``{"type": "git", "url", "ref"}`` | ``{"type": "zip"}`` | ``{"type": "empty"}``;
+    ``options`` the session config the job asked for (model, permission_mode, tools,
+    max_turns, json_schema, mcp_profiles…); ``files`` the uploads ``[{name, size}]``;
+    ``workspace`` where its workspace is (job_workspace.py ``PreparedWorkspace``). ``tags``
+    is stored ``,a,b,`` so that one tag is matched with LIKE."""
+
+    __tablename__ = "job"
+
+    id: str = Field(primary_key=True, max_length=36)
+    owner: str = Field(index=True, max_length=255)
+    status: JobStatus = Field(default=JobStatus.CREATED, index=True)
+    prompt: str = Field(sa_column=Column(Text, nullable=False))
+    source: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    repository_id: str | None = Field(default=None, index=True, max_length=36)
+    options: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    tags: str = Field(default=",", sa_column=Column(Text, nullable=False))
+    files: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False)
+    )
+    timeout_s: int
+    session_id: str | None = Field(default=None, max_length=36)
+    turn_id: str | None = Field(default=None, max_length=36)
+    workspace: dict[str, Any] | None = Field(
+        default=None, sa_column=Column(JSON(none_as_null=True))
+    )
+    git_commit: str | None = Field(default=None, max_length=64)
+    """The commit the job's workspace was made from."""
+    git_status: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    """What the pull before the run did (``up to date``, ``pulled <commit>``, or why not)."""
+    result: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    structured_output: Any = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    cost_usd: float | None = None
+    usage: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
+    num_turns: int | None = None
+    duration_ms: int | None = None
+    cancel_requested: bool = False
+    worker: str | None = Field(default=None, max_length=64)
+    heartbeat_at: datetime | None = _ts(nullable=True)
+    created_at: datetime = _ts(nullable=False, default=utcnow)
+    queued_at: datetime | None = _ts(nullable=True, index=True)
+    started_at: datetime | None = _ts(nullable=True)
+    finished_at: datetime | None = _ts(nullable=True)

@@ -114,6 +114,11 @@ async def run_git(
             "GIT_CONFIG_NOSYSTEM": "1",
             "GIT_ALLOW_PROTOCOL": policy.protocols,
             "GIT_ASKPASS": "/bin/false",
+            # Clones belong to the session user (job workspaces); git run by root must
+            # still work in them ("dubious ownership" otherwise). Command-line scope.
+            "GIT_CONFIG_COUNT": "1",
+            "GIT_CONFIG_KEY_0": "safe.directory",
+            "GIT_CONFIG_VALUE_0": "*",
             "SSH_ASKPASS": "/bin/false",
             "LC_ALL": "C",
         }

@@ -46,7 +46,14 @@ def workspace_volume_name(owner: str, ws_type: str, ws_id: str | None, sid: str)
     if ws_type == WorkspaceType.PERSISTENT and ws_id:
         owner_hash = hashlib.sha256(owner.encode()).hexdigest()[:16]
         return f"ccgate-pws-{owner_hash}-{ws_id}"
+    if ws_type == WorkspaceType.JOB and ws_id:
+        return job_volume_name(ws_id)
     return f"ccgate-ws-{sid}"
+
+
+def job_volume_name(job_id: str) -> str:
+    """The volume of a job's workspace (made and removed by the job, job_workspace.py)."""
+    return f"ccgate-job-{job_id}"
 
 
 def config_volume_name(sid: str) -> str:
@@ -105,7 +112,7 @@ class Provisioning(ServiceBase):
         if kind is WorkspaceType.PERSISTENT:
             ws_labels = {LABEL_OWNER: owner, LABEL_WORKSPACE: session.workspace_id or ""}
             await self.runtime.create_volume(session.workspace_volume, ws_labels)
-        elif kind is not WorkspaceType.INHERIT:
+        elif kind not in (WorkspaceType.INHERIT, WorkspaceType.JOB):
             await self.runtime.create_volume(session.workspace_volume, labels)
             if kind is WorkspaceType.CLONE and parent is not None:
                 await self.runtime.copy_volume(

@@ -32,6 +32,10 @@ GIT_ENV = {
     "GIT_AUTHOR_EMAIL": "t@example.org",
     "GIT_COMMITTER_NAME": "t",
     "GIT_COMMITTER_EMAIL": "t@example.org",
+    # Clones belong to the session user (uid 1000).
+    "GIT_CONFIG_COUNT": "1",
+    "GIT_CONFIG_KEY_0": "safe.directory",
+    "GIT_CONFIG_VALUE_0": "*",
 }
 
 
@@ -148,9 +152,15 @@ async def test_a_file_url_is_cloned_with_its_metadata_and_pulled_again(
     assert repo["head"]["commit"] == first and repo["head"]["branch"] == "main"
     assert repo["head"]["subject"] == "first commit" and repo["head"]["date"]
     assert repo["size_bytes"] > 0 and repo["error"] is None and repo["pulled_at"]
-    clone = gateway.settings.repos_path / repo["id"]
+    clone = gateway.settings.repos_path / repo["id"] / "g1"
     assert (clone / "app.py").read_text() == "print(1)\n"
     assert git("rev-parse", "HEAD", cwd=clone) == first
+    assert clone.stat().st_uid == 1000 and (clone / "app.py").stat().st_uid == 1000
+
+    # Nothing new upstream: the pull keeps the generation.
+    assert (await http.post("/repositories/app/pull")).status_code == 202
+    same = await settled(http, "app")
+    assert same["head"]["commit"] == first and same["error"] is None and clone.is_dir()
 
     (upstream / "app.py").write_text("print(2)\n")
     git("commit", "-q", "-am", "second commit", cwd=upstream)
@@ -160,7 +170,21 @@ async def test_a_file_url_is_cloned_with_its_metadata_and_pulled_again(
     assert r.json()["pulling"] is True
     pulled = await settled(http, "app")
     assert pulled["head"]["commit"] == second and pulled["head"]["subject"] == "second commit"
-    assert (clone / "app.py").read_text() == "print(2)\n"
+    # A moved head makes the next generation; the one before it is kept (a job may be making
+    # its workspace on it), older ones used by no job are removed.
+    assert (clone.with_name("g2") / "app.py").read_text() == "print(2)\n"
+    assert git("rev-parse", "HEAD", cwd=clone.with_name("g2")) == second
+    assert (clone / "app.py").read_text() == "print(1)\n"  # untouched by the pull
+    (upstream / "app.py").write_text("print(3)\n")
+    git("commit", "-q", "-am", "third commit", cwd=upstream)
+    assert (await http.post("/repositories/app/pull")).status_code == 202
+    await settled(http, "app")
+    for _ in range(200):  # old generations are removed just after the pull is recorded
+        if not clone.exists():
+            break
+        await asyncio.sleep(0.05)
+    assert not clone.exists()
+    assert (clone.with_name("g3") / "app.py").read_text() == "print(3)\n"
     assert pulled["pulled_at"] > repo["pulled_at"]
     listing = (await http.get("/repositories")).json()
     assert listing["total"] == 1 and [x["name"] for x in listing["repositories"]] == ["app"]

@@ -133,8 +133,17 @@ class ContainerRuntime(abc.ABC):
         network and on Docker's default bridge (where ``host-gateway`` points)."""
 
     @abc.abstractmethod
-    async def create_volume(self, name: str, labels: dict[str, str]) -> None:
-        """Create a named volume (no-op when it exists)."""
+    async def create_volume(
+        self, name: str, labels: dict[str, str], driver_opts: dict[str, str] | None = None
+    ) -> None:
+        """Create a named volume (no-op when it exists). ``driver_opts`` are the local
+        driver's mount options (``type``, ``device``, ``o``: a bind or overlay mount of host
+        directories, mounted when a container first uses the volume)."""
+
+    @abc.abstractmethod
+    async def check_volume(self, name: str, *, image: str) -> None:
+        """Mount volume ``name`` in a throwaway container of ``image`` and list it; raises
+        ContainerStartFailed (with the engine's message) when the mount fails."""
 
     @abc.abstractmethod
     async def remove_volume(self, name: str) -> None:

@@ -179,14 +179,44 @@ class DockerRuntime(ContainerRuntime):
         except APIError as exc:
             raise DependencyUnavailable("docker", f"network {name}: {exc}") from exc
 
-    async def create_volume(self, name: str, labels: dict[str, str]) -> None:
+    async def create_volume(
+        self, name: str, labels: dict[str, str], driver_opts: dict[str, str] | None = None
+    ) -> None:
         """Create a named volume (no-op when it exists)."""
         try:
             await self._call(
-                lambda: self._docker().volumes.create(name=name, labels={**labels, **self._own})
+                lambda: self._docker().volumes.create(
+                    name=name,
+                    driver="local",
+                    driver_opts=driver_opts or None,
+                    labels={**labels, **self._own},
+                )
             )
         except APIError as exc:
             raise ContainerStartFailed(f"volume {name}: {exc.explanation or exc}") from exc
+
+    async def check_volume(self, name: str, *, image: str) -> None:
+        """Mount ``name`` read-only in a throwaway container (no network, no capabilities)
+        that lists it; the engine mounts a local-driver volume's device on first use, so a
+        mount it cannot make fails here."""
+
+        def _check() -> None:
+            self._docker().containers.run(
+                image,
+                entrypoint=["ls", "-a", "/probe"],
+                volumes={name: {"bind": "/probe", "mode": "ro"}},
+                user="1000:1000",
+                network_disabled=True,
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges:true"],
+                labels={**self._own, LABEL_HELPER: "probe"},
+                remove=True,
+            )
+
+        try:
+            await self._call(_check)
+        except (APIError, ContainerError) as exc:
+            raise ContainerStartFailed(f"volume {name}: {exc}") from exc
 
     async def remove_volume(self, name: str) -> None:
         """Remove a named volume; missing is fine. Retries while a just-removed container
