@@ -10,6 +10,7 @@ passed through untouched, as are WebSockets (their message limit is the server's
 from __future__ import annotations
 
 import json
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -17,20 +18,38 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 class BodyLimitMiddleware:
     """413 ``request_too_large`` for API request bodies longer than ``max_bytes``."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, skip_prefixes: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        skip_prefixes: tuple[str, ...],
+        larger: tuple[tuple[re.Pattern[str], int], ...] = (),
+    ) -> None:
+        """``larger``: (path pattern, limit) pairs for routes with their own larger limit
+        (file uploads); the first pattern that matches the whole path wins."""
         self.app = app
-        self.max_bytes = max_bytes
+        self.default_max_bytes = max_bytes
         self.skip_prefixes = skip_prefixes
+        self.larger = larger
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or str(scope["path"]).startswith(self.skip_prefixes):
+        path = str(scope.get("path", ""))
+        if scope["type"] != "http" or path.startswith(self.skip_prefixes):
             await self.app(scope, receive, send)
             return
+        max_bytes = next(
+            (limit for pattern, limit in self.larger if pattern.fullmatch(path)),
+            self.default_max_bytes,
+        )
+        await self._limited(scope, receive, send, max_bytes)
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send, max_bytes: int) -> None:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None:
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                await self._refuse(send)
+            if declared.isdigit() and int(declared) > max_bytes:
+                await self._refuse(send, max_bytes)
                 return
             await self.app(scope, receive, send)
             return
@@ -45,8 +64,8 @@ class BodyLimitMiddleware:
             if message["type"] != "http.request":
                 break
             size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await self._refuse(send)
+            if size > max_bytes:
+                await self._refuse(send, max_bytes)
                 return
             if not message.get("more_body"):
                 break
@@ -56,10 +75,15 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, send: Send, max_bytes: int) -> None:
+        setting = (
+            "CCGATE_MAX_REQUEST_BYTES"
+            if max_bytes == self.default_max_bytes
+            else "CCGATE_JOB_MAX_FILE_BYTES * CCGATE_JOB_MAX_FILES"
+        )
         body = json.dumps(
             {
-                "detail": f"request body over {self.max_bytes} bytes (CCGATE_MAX_REQUEST_BYTES)",
+                "detail": f"request body over {max_bytes} bytes ({setting})",
                 "code": "request_too_large",
             }
         ).encode()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -46,6 +47,9 @@ from gateway.services.artifacts import ArtifactStore, LocalArtifactStore, S3Arti
 from gateway.services.container_deaths import DeathWatch
 from gateway.services.egress import EgressProxies
 from gateway.services.event_hub import EventHub
+from gateway.services.job_queue import JobQueue
+from gateway.services.job_workspace import JobWorkspaces
+from gateway.services.jobs import JobService
 from gateway.services.lease import Lease
 from gateway.services.ledger import Ledger
 from gateway.services.lifecycle_loop import LifecycleLoop
@@ -234,6 +238,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.mcp_profiles = McpProfiles(secret_box)
         app.state.repositories = repositories
         supervisor.start("repositories", repositories.recover)
+        workspaces = JobWorkspaces(settings, runtime)
+        job_queue = JobQueue(
+            settings, db_factory, app.state.sessions, workspaces, repositories, metrics_
+        )
+        app.state.jobs = JobService(
+            settings, workspaces, repositories, app.state.sessions, job_queue.wake
+        )
+        supervisor.start("jobs", job_queue.run)
         register_gauges(app)
         try:
             await app.state.sessions.network.ensure()
@@ -243,6 +255,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await supervisor.close()
+            await job_queue.close()
             await repositories.close()
             await proxy.close()
             await egress.close()
@@ -260,7 +273,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(
-        BodyLimitMiddleware, max_bytes=settings.max_request_bytes, skip_prefixes=("/model/",)
+        BodyLimitMiddleware,
+        max_bytes=settings.max_request_bytes,
+        skip_prefixes=("/model/",),
+        larger=(
+            (
+                re.compile(r"/api/v1/jobs/[^/]+/files"),
+                settings.job_max_file_bytes * settings.job_max_files + 1024 * 1024,
+            ),
+        ),
     )
     app.add_middleware(RequestIdMiddleware)
     app.include_router(api_router)

@@ -167,6 +167,25 @@ class Metrics:
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
             registry=r,
         )
+        self.jobs_finished = Counter(
+            "ccgate_jobs_finished",
+            "Jobs that reached a final status, by status",
+            ["status"],
+            registry=r,
+        )
+        self.job_workspace_seconds = Histogram(
+            "ccgate_job_workspace_seconds",
+            "Making a job's workspace (after any pull), by mode (overlay|copy|empty)",
+            ["mode"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.job_queue_wait_seconds = Histogram(
+            "ccgate_job_queue_wait_seconds",
+            "A job's time in the queue, from queued to taken by a runner",
+            buckets=(0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 1800, 3600),
+            registry=r,
+        )
         self.pool_claims = Counter(
             "ccgate_pool_claims",
             "Creates served by a warm-pool container, by pool profile",

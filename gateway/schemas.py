@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
 from pydantic import (
     AfterValidator,
     AnyHttpUrl,
@@ -108,6 +111,20 @@ class EgressConfig(_Strict):
         return self
 
 
+JSON_SCHEMA_MAX_BYTES = 64 * 1024
+
+
+def check_json_schema(schema: dict[str, Any]) -> None:
+    """Raise ValueError unless ``schema`` is a JSON Schema (draft 2020-12 meta-schema) of at
+    most :data:`JSON_SCHEMA_MAX_BYTES` serialised."""
+    if len(json.dumps(schema)) > JSON_SCHEMA_MAX_BYTES:
+        raise ValueError(f"json_schema is larger than {JSON_SCHEMA_MAX_BYTES} bytes")
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        raise ValueError(f"json_schema is not a valid JSON Schema: {exc.message}") from exc
+
+
 class SessionConfig(_Strict):
     """How the session's CLI runs; every field is passed to the Claude Code CLI."""
 
@@ -124,6 +141,9 @@ class SessionConfig(_Strict):
     session_budget_usd: float | None = Field(default=None, gt=0)
     """Cost budget (USD) of this session alone, enforced by the model proxy."""
     timeout_seconds: float | None = Field(default=None, gt=0, le=86_400)
+    json_schema: dict[str, Any] | None = None
+    """Structured output: a JSON Schema (≤ 64 KiB) the CLI's result must conform to
+    (``--json-schema``); the result text is then that JSON."""
     mcp_servers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     mcp_profiles: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]] = Field(
         default_factory=list, max_length=10
@@ -145,6 +165,13 @@ class SessionConfig(_Strict):
             if not _TOOL_RULE.match(rule):
                 raise ValueError(f"{rule!r} is not a tool rule such as 'Read' or 'Bash(git *)'")
         return rules
+
+    @field_validator("json_schema")
+    @classmethod
+    def _json_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None:
+            check_json_schema(schema)
+        return schema
 
     @field_validator("env")
     @classmethod

@@ -188,6 +188,15 @@ def script_reply(body: dict[str, Any]) -> Reply:
         return Reply([Block("text", text="Multi done.")])
     if word == "spawn" and rest:
         return _spawn_reply(rest, step, last_results)
+    if word == "structured" and rest:
+        # --json-schema: the CLI offers a StructuredOutput tool taking the schema's object.
+        if step == 0:
+            try:
+                payload = json.loads(rest)
+            except ValueError:
+                payload = {"text": rest}
+            return Reply([Block("tool_use", name="StructuredOutput", input=payload)])
+        return Reply([Block("text", text="Structured output given.")])
     if word == "braces":
         return Reply([Block("text", text=BRACES_TEXT)])
     if word == "recall":

@@ -70,6 +70,8 @@ def build_cli_args(
         args.append(f"--system-prompt={spec.system_prompt}")
     if spec.append_system_prompt:
         args.append(f"--append-system-prompt={spec.append_system_prompt}")
+    if spec.json_schema is not None:
+        args.append(f"--json-schema={json.dumps(spec.json_schema, separators=(',', ':'))}")
     mcp_servers = {**spec.mcp_servers, **(extra_mcp_servers or {})}
     if mcp_servers:
         args.append(f"--mcp-config={json.dumps({'mcpServers': mcp_servers})}")

@@ -234,6 +234,8 @@ class SessionSpec:
     permission_mode: str | None = None
     max_turns: int | None = None
     max_budget_usd: float | None = None
+    json_schema: dict[str, Any] | None = None
+    """Structured output (``--json-schema``): the CLI's result carries JSON conforming to it."""
     timeout_seconds: float | None = None
     mcp_servers: dict[str, Any] = field(default_factory=dict)
     include_partial_messages: bool = False

@@ -94,6 +94,7 @@ class TurnLoop(CliLife):
                 "subtype": result.get("subtype"),
                 "is_error": bool(result.get("is_error")),
                 "result": result.get("result"),
+                "structured_output": result.get("structured_output"),
                 "errors": result.get("errors"),
                 "terminal_reason": result.get("terminal_reason"),
                 "usage": result.get("usage"),

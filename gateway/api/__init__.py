@@ -8,6 +8,7 @@ from gateway.api import (
     events,
     family,
     health,
+    jobs,
     mcp_profiles,
     repositories,
     sessions,
@@ -25,6 +26,7 @@ api_router.include_router(events.router)
 api_router.include_router(artifacts.router)
 api_router.include_router(usage.router)
 api_router.include_router(repositories.router)
+api_router.include_router(jobs.router)
 api_router.include_router(mcp_profiles.router)
 api_router.include_router(health.router)
 

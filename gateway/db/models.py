@@ -195,6 +195,8 @@ class Turn(SQLModel, table=True):
     subtype: str | None = Field(default=None, max_length=64)
     is_error: bool | None = None
     result: str | None = Field(default=None, sa_column=Column(Text))
+    structured_output: Any = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
+    """The result's JSON under ``--json-schema`` (as the CLI reported it: check it again)."""
     errors: list[str] | None = Field(default=None, sa_column=Column(JSON))
     terminal_reason: str | None = Field(default=None, max_length=64)
     usage: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))

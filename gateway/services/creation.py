@@ -108,6 +108,24 @@ class Creation(PoolClaims, TurnOps):
             ),
         )
 
+    async def create_job_session(
+        self, *, db: AsyncSession, owner: str, job_id: str, config: SessionConfig, prompt: str
+    ) -> Session:
+        """A root session for a job (job_queue.py): its /workspace is the job's volume, made
+        beforehand (job_workspace.py), and it runs ``prompt`` once. Raises AdmissionRefused
+        (no room now) and whatever a create raises."""
+        return await self._create(
+            db,
+            _NewSession(
+                owner=owner,
+                parent=None,
+                workspace_type=WorkspaceType.JOB,
+                workspace_id=job_id,
+                config=config,
+                prompt=prompt,
+            ),
+        )
+
     def _limits(self) -> tree.SpawnLimits:
         s = self.settings
         return tree.SpawnLimits(

@@ -76,6 +76,7 @@ def session_spec(
         disallowed_tools=list(cfg.get("disallowed_tools") or []),
         permission_mode=cfg.get("permission_mode") or settings.default_permission_mode,
         max_turns=cfg.get("max_turns"),
+        json_schema=cfg.get("json_schema"),
         timeout_seconds=cfg.get("timeout_seconds"),
         mcp_servers={
             **(cfg.get("mcp_servers") or {}),

@@ -83,41 +83,39 @@ def _layers(ws: PreparedWorkspace) -> list[Path]:
 def _resolve(ws: PreparedWorkspace, parts: list[str]) -> list[Path]:
     """The host paths of ``parts`` in each layer that shows it, top first (several for a
     directory merged from both layers). NotFound when the name does not exist, is deleted, or
-    passes through a symlink."""
+    passes through a symlink. A layer hides the ones below it for this path when it has a
+    whiteout or a non-directory on the way, an opaque directory on the way, or the path
+    itself as a file or an opaque directory."""
     found: list[Path] = []
     for layer in _layers(ws):
         current = layer
-        visible = True
+        hides_below = False
+        present = True
         for index, part in enumerate(parts):
             current = current / part
             try:
                 st = os.lstat(current)
             except (FileNotFoundError, NotADirectoryError):
-                visible = False
+                present = False
                 break
             if _is_whiteout(st):
-                return found if found else _missing(parts)
-            if index < len(parts) - 1 and not stat.S_ISDIR(st.st_mode):
-                visible = False  # a file or symlink in the way: nothing below it
+                present, hides_below = False, True
                 break
-        if not visible:
-            continue
-        st = os.lstat(current)
-        found.append(current)
-        if not stat.S_ISDIR(st.st_mode) or _is_opaque(current) or _opaque_above(layer, parts):
+            if index < len(parts) - 1:
+                if not stat.S_ISDIR(st.st_mode):
+                    present, hides_below = False, True
+                    break
+                if _is_opaque(current):
+                    hides_below = True
+        if present:
+            found.append(current)
+            if not stat.S_ISDIR(os.lstat(current).st_mode) or (parts and _is_opaque(current)):
+                hides_below = True
+        if hides_below:
             break
     if not found:
         _missing(parts)
     return found
-
-
-def _opaque_above(layer: Path, parts: list[str]) -> bool:
-    current = layer
-    for part in parts[:-1]:
-        current = current / part
-        if _is_opaque(current):
-            return True
-    return False
 
 
 def _missing(parts: list[str]) -> list[Path]:

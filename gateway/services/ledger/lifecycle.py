@@ -26,6 +26,7 @@ applied the same way.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,6 +176,7 @@ async def _complete_turn(
     turn.is_error = bool(data.get("is_error"))
     result = data.get("result")
     turn.result = result if isinstance(result, str) else None
+    turn.structured_output = _bounded_json(data.get("structured_output"))
     errors = [str(e) for e in data.get("errors") or []]
     turn.errors = errors or None
     turn.terminal_reason = _short(data.get("terminal_reason"))
@@ -270,3 +272,18 @@ def _short(value: Any, limit: int = 64) -> str | None:
 
 def _int(value: Any) -> int | None:
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+STRUCTURED_MAX_BYTES = 1024 * 1024
+
+
+def _bounded_json(value: Any) -> Any:
+    """A JSON value from the container, dropped (None) when it serialises to more than
+    STRUCTURED_MAX_BYTES."""
+    if value is None:
+        return None
+    try:
+        size = len(json.dumps(value))
+    except (TypeError, ValueError):
+        return None
+    return value if size <= STRUCTURED_MAX_BYTES else None

@@ -1,4 +1,4 @@
-"""Jobs, and generations of repository clones.
+"""Jobs, generations of repository clones, and the structured output of a turn.
 
 Revision ID: 0008
 Revises: 0007
@@ -29,6 +29,7 @@ _STATUSES = (
 
 
 def upgrade() -> None:
+    op.add_column("turn", sa.Column("structured_output", sa.JSON(), nullable=True))
     op.add_column(
         "repository",
         sa.Column("generation", sa.Integer(), nullable=False, server_default="0"),
@@ -77,3 +78,4 @@ def downgrade() -> None:
     op.drop_table("job")
     sa.Enum(name="jobstatus").drop(op.get_bind(), checkfirst=True)
     op.drop_column("repository", "generation")
+    op.drop_column("turn", "structured_output")

@@ -1,0 +1,505 @@
+"""The job queue: dispatch queued jobs fairly within the concurrency limits, and run each one —
+pull (``git_aware``), workspace, session, result — to its final status.
+
+Dispatch (every replica runs it, under a database lock): the next job in fair_queue order whose
+user is under ``CCGATE_JOB_CONCURRENCY_PER_USER``, while fewer than ``CCGATE_JOB_CONCURRENCY``
+run. The replica that takes a job runs it and heartbeats its row every ``HEARTBEAT_S``; any
+replica's dispatcher takes over a job silent for ``STALE_S`` and continues it: it waits for the
+turn already running, or prepares the job again when it had not reached its session.
+
+The timeout is enforced here, outside the container: past ``started_at + timeout_s`` the job's
+session is stopped (the CLI and container with it) and the job ends ``timeout``. A cancel is
+seen within ``CHECK_S`` and stops the session the same way. A job whose session cannot be
+admitted (session limits) waits for room inside its deadline; a dependency that fails (Docker,
+git, the workspace) fails the job with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+import zlib
+from datetime import timedelta
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from sqlalchemy import func, or_, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from gateway.config import Settings
+from gateway.db.models import (
+    Job,
+    JobStatus,
+    Repository,
+    RepositoryStatus,
+    Session,
+    Turn,
+    TurnStatus,
+    as_utc,
+    utcnow,
+)
+from gateway.errors import AdmissionRefused, GatewayError, TurnTimeout
+from gateway.metrics import Metrics
+from gateway.schemas import SessionConfig
+from gateway.services.fair_queue import Queued, QueueState, next_to_run
+from gateway.services.git import GIT_LOCAL_TIMEOUT_S, GitFailed, UrlPolicy, run_git
+from gateway.services.job_workspace import (
+    UPLOADS_IN_WORKSPACE,
+    JobWorkspaces,
+    PreparedWorkspace,
+    WorkspaceFailed,
+)
+from gateway.services.repositories import RepositoryService
+from gateway.services.sessions import SessionService
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_S = 10.0
+STALE_S = 45.0
+DISPATCH_INTERVAL_S = 2.0
+CHECK_S = 2.0
+"""How often a running job looks for a cancel and its deadline."""
+_LOCK_KEY = zlib.crc32(b"ccgate-jobs")
+_ACTIVE = [JobStatus.GIT_PULLING, JobStatus.RUNNING]
+
+
+class _Final(Exception):
+    """The job ends here with these column values (status, error…)."""
+
+    def __init__(self, **values: Any) -> None:
+        super().__init__(values.get("error"))
+        self.values = values
+
+
+async def load_queue(db: AsyncSession) -> QueueState:
+    """The queued jobs, every user's running count, and the last start of every user with a
+    job queued."""
+    rows = await db.exec(
+        select(Job.id, Job.owner, Job.queued_at).where(col(Job.status) == JobStatus.QUEUED)
+    )
+    queued = [Queued(i, o, as_utc(q) or utcnow()) for i, o, q in rows.all()]
+    if not queued:
+        return QueueState(queued)
+    owners = {q.owner for q in queued}
+    counts = await db.exec(
+        select(Job.owner, func.count())
+        .where(col(Job.status).in_(_ACTIVE))  # every user's: the total limit counts them all
+        .group_by(col(Job.owner))
+    )
+    starts = await db.exec(
+        select(Job.owner, func.max(Job.started_at))
+        .where(col(Job.owner).in_(owners), col(Job.started_at).is_not(None))
+        .group_by(col(Job.owner))
+    )
+    return QueueState(
+        queued,
+        running={owner: int(n) for owner, n in counts.all()},
+        last_started={owner: as_utc(at) or utcnow() for owner, at in starts.all() if at},
+    )
+
+
+def substitute(prompt: str, names: list[str]) -> str:
+    """``{{name}}`` of each uploaded file → its absolute path in the workspace; other
+    placeholders are left as they are."""
+    for name in names:
+        prompt = prompt.replace("{{" + name + "}}", f"/workspace/{UPLOADS_IN_WORKSPACE}/{name}")
+    return prompt
+
+
+class JobQueue:
+    """The dispatcher (``run``, supervised) and the runners of this replica's jobs."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db_factory: async_sessionmaker[AsyncSession],
+        sessions: SessionService,
+        workspaces: JobWorkspaces,
+        repositories: RepositoryService,
+        metrics: Metrics,
+    ) -> None:
+        self._settings = settings
+        self._db_factory = db_factory
+        self._sessions = sessions
+        self._workspaces = workspaces
+        self._repositories = repositories
+        self._metrics = metrics
+        self._policy = UrlPolicy(
+            allow_http=settings.repo_allow_http, file_roots=tuple(settings.repo_file_roots)
+        )
+        self._wake = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.worker = f"gw-{uuid.uuid4().hex[:12]}"
+
+    def wake(self) -> None:
+        """Dispatch now (a job was queued or finished, or a cancel was asked)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Supervised loop: dispatch, and take over jobs whose replica went silent."""
+        loop = asyncio.get_running_loop()
+        recovered_at = 0.0
+        while True:
+            try:
+                if loop.time() - recovered_at >= STALE_S / 3:
+                    recovered_at = loop.time()
+                    await self._recover()
+                await self._dispatch()
+            except (SQLAlchemyError, ConnectionError, OSError) as exc:
+                logger.warning("jobs: dispatch skipped (database): %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), DISPATCH_INTERVAL_S)
+            self._wake.clear()
+
+    async def close(self) -> None:
+        """Stop this replica's runners; their jobs' sessions keep running and another replica
+        (or this one, restarted) continues them once their heartbeat is stale."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+
+    async def _dispatch(self) -> None:
+        s = self._settings
+        while True:
+            async with self._db_factory() as db:
+                if db.get_bind().dialect.name == "postgresql":
+                    await db.exec(select(func.pg_advisory_xact_lock(_LOCK_KEY)))
+                state = await load_queue(db)
+                if not state.queued:
+                    return
+                pick = next_to_run(
+                    state,
+                    total_limit=s.job_concurrency,
+                    per_user_limit=s.job_concurrency_per_user,
+                )
+                if pick is None:
+                    return
+                job = await db.get(Job, pick.job_id)
+                assert job is not None
+                pulls = job.source.get("type") == "repository" and job.source.get("git_aware")
+                now = utcnow()
+                await db.exec(
+                    update(Job)
+                    .where(col(Job.id) == job.id, col(Job.status) == JobStatus.QUEUED)
+                    .values(
+                        status=JobStatus.GIT_PULLING if pulls else JobStatus.RUNNING,
+                        worker=self.worker,
+                        heartbeat_at=now,
+                        started_at=now,
+                    )
+                )
+                await db.commit()
+            self._metrics.job_queue_wait_seconds.observe((now - pick.queued_at).total_seconds())
+            self._start(pick.job_id)
+
+    async def _recover(self) -> None:
+        stale = utcnow() - timedelta(seconds=STALE_S)
+        async with self._db_factory() as db:
+            rows = await db.exec(
+                select(Job.id).where(
+                    col(Job.status).in_(_ACTIVE),
+                    or_(col(Job.heartbeat_at).is_(None), col(Job.heartbeat_at) < stale),
+                )
+            )
+            for job_id in rows.all():
+                taken = await db.exec(
+                    update(Job)
+                    .where(
+                        col(Job.id) == job_id,
+                        col(Job.status).in_(_ACTIVE),
+                        or_(col(Job.heartbeat_at).is_(None), col(Job.heartbeat_at) < stale),
+                    )
+                    .values(worker=self.worker, heartbeat_at=utcnow())
+                )
+                await db.commit()
+                if taken.rowcount == 1:
+                    logger.info("jobs: taking over job %s from a silent replica", job_id)
+                    self._start(job_id)
+
+    def _start(self, job_id: str) -> None:
+        if job_id in self._tasks:
+            return
+        task = asyncio.create_task(self._run(job_id), name=f"job-{job_id}")
+        self._tasks[job_id] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(job_id, None))
+
+    async def _run(self, job_id: str) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(job_id), name=f"job-hb-{job_id}")
+        try:
+            values = await self._execute(job_id)
+        except _Final as final:
+            values = final.values
+        except GatewayError as exc:
+            values = {"status": JobStatus.FAILED, "error": str(exc)}
+        except Exception:
+            error_id = uuid.uuid4().hex[:12]
+            logger.exception("jobs: job %s failed (error id %s)", job_id, error_id)
+            values = {"status": JobStatus.FAILED, "error": f"internal error (error id {error_id})"}
+        finally:
+            heartbeat.cancel()
+        if values:
+            await self._finish(job_id, values)
+        self.wake()
+
+    async def _heartbeat(self, job_id: str) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            with contextlib.suppress(SQLAlchemyError, ConnectionError, OSError):
+                await self._update(job_id, heartbeat_at=utcnow())
+
+    async def _update(self, job_id: str, **values: Any) -> None:
+        async with self._db_factory() as db:
+            await db.exec(
+                update(Job)
+                .where(col(Job.id) == job_id, col(Job.worker) == self.worker)
+                .values(**values)
+            )
+            await db.commit()
+
+    async def _load(self, job_id: str) -> Job | None:
+        async with self._db_factory() as db:
+            return await db.get(Job, job_id)
+
+    # --- one job --------------------------------------------------------------------------
+
+    async def _execute(self, job_id: str) -> dict[str, Any]:
+        job = await self._load(job_id)
+        if job is None or job.worker != self.worker or job.status.final:
+            return {}
+        started = as_utc(job.started_at) or utcnow()
+        deadline = time.monotonic() + job.timeout_s - (utcnow() - started).total_seconds()
+        if job.turn_id is None or job.session_id is None:
+            if job.cancel_requested:
+                return {"status": JobStatus.CANCELLED, "error": "cancelled before it ran"}
+            ws = await self._prepare(job, deadline)
+            session_id, turn_id = await self._launch(job, ws, deadline)
+        else:
+            session_id, turn_id = job.session_id, job.turn_id
+        return await self._await_result(job, session_id, turn_id, deadline)
+
+    async def _prepare(self, job: Job, deadline: float) -> PreparedWorkspace:
+        source = job.source
+        kind = source.get("type", "empty")
+        git: dict[str, Any] = {}
+        began = time.monotonic()
+        if kind == "repository":
+            assert job.repository_id is not None
+            repo = await self._repository(job, deadline)
+            await self._update(job.id, status=JobStatus.RUNNING)
+            began = time.monotonic()
+            ws = await self._workspaces.from_clone(
+                job.id, job.owner, self._repositories.clone_path(repo)
+            )
+            git["git_commit"] = repo.head_commit
+        else:
+            target, ws = await self._workspaces.directory(job.id, job.owner)
+            if kind == "git":
+                args = ["clone", "--depth", "1", "--single-branch", "--no-tags"]
+                if source.get("ref"):
+                    args += ["--branch", str(source["ref"])]
+                try:
+                    await run_git(
+                        [*args, "--", str(source["url"]), str(target)],
+                        policy=self._policy,
+                        timeout_s=max(1.0, min(self._settings.repo_clone_timeout_s,
+                                               deadline - time.monotonic())),
+                    )  # fmt: skip
+                    head = await run_git(
+                        ["rev-parse", "HEAD"],
+                        policy=self._policy,
+                        timeout_s=GIT_LOCAL_TIMEOUT_S,
+                        cwd=target,
+                    )
+                except GitFailed as exc:
+                    raise _Final(status=JobStatus.GIT_FAILED, error=str(exc)) from exc
+                git = {"git_commit": head.strip(), "git_status": f"cloned {source['url']}"}
+            await self._workspaces.finish_directory(job.id, job.owner, ws)
+        await self._workspaces.add_uploads(job.id, ws)
+        self._metrics.job_workspace_seconds.labels(ws.mode).observe(time.monotonic() - began)
+        await self._update(job.id, workspace=ws.to_json(), **git)
+        return ws
+
+    async def _repository(self, job: Job, deadline: float) -> Repository:
+        assert job.repository_id is not None
+        if job.source.get("git_aware", True):
+            async with self._db_factory() as db:
+                before = await db.get(Repository, job.repository_id)
+            try:
+                repo = await self._repositories.pull_for_job(
+                    job.repository_id,
+                    timeout_s=max(1.0, min(self._settings.repo_clone_timeout_s,
+                                           deadline - time.monotonic())),
+                )  # fmt: skip
+            except GitFailed as exc:
+                raise _Final(status=JobStatus.GIT_FAILED, error=str(exc)) from exc
+            moved = before is None or before.head_commit != repo.head_commit
+            status = f"{'pulled to' if moved else 'up to date at'} {(repo.head_commit or '')[:12]}"
+            await self._update(job.id, git_status=status)
+            return repo
+        async with self._db_factory() as db:
+            found = await db.get(Repository, job.repository_id)
+        if found is None or found.status is not RepositoryStatus.READY:
+            state = "deleted" if found is None else found.status.value
+            raise _Final(status=JobStatus.FAILED, error=f"the repository is {state}")
+        return found
+
+    async def _launch(self, job: Job, ws: PreparedWorkspace, deadline: float) -> tuple[str, str]:
+        prompt = substitute(job.prompt, [f["name"] for f in job.files])
+        config = SessionConfig.model_validate(job.options)
+        while True:
+            try:
+                async with self._db_factory() as db:
+                    session = await self._sessions.create_job_session(
+                        db=db, owner=job.owner, job_id=job.id, config=config, prompt=prompt
+                    )
+                break
+            except AdmissionRefused as exc:
+                if time.monotonic() + CHECK_S >= deadline:
+                    raise _Final(
+                        status=JobStatus.TIMEOUT,
+                        error=f"no room for its session before its timeout: {exc}",
+                    ) from exc
+                if await self._cancel_asked(job.id):
+                    raise _Final(
+                        status=JobStatus.CANCELLED, error="cancelled before it ran"
+                    ) from None
+                await asyncio.sleep(CHECK_S)
+        turn = await self._sessions.latest_turn(session=session)
+        await self._update(job.id, session_id=session.id, turn_id=turn.id)
+        return session.id, turn.id
+
+    async def _cancel_asked(self, job_id: str) -> bool:
+        async with self._db_factory() as db:
+            asked = (await db.exec(select(Job.cancel_requested).where(Job.id == job_id))).first()
+        return bool(asked) or asked is None
+
+    async def _await_result(
+        self, job: Job, session_id: str, turn_id: str, deadline: float
+    ) -> dict[str, Any]:
+        ended: dict[str, Any] | None = None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                ended = {
+                    "status": JobStatus.TIMEOUT,
+                    "error": f"ran past its timeout of {job.timeout_s}s; its session was stopped",
+                }
+                break
+            try:
+                turn = await self._sessions.wait_for_turn(
+                    session_id=session_id, turn_id=turn_id, timeout_s=min(remaining, CHECK_S)
+                )
+                break
+            except TurnTimeout:
+                pass
+            if await self._cancel_asked(job.id):
+                ended = {"status": JobStatus.CANCELLED, "error": "cancelled while running"}
+                break
+        await self._stop_session(session_id)
+        async with self._db_factory() as db:
+            final_turn = await db.get(Turn, turn_id)
+        values = _costs(final_turn)
+        if ended is not None:
+            return {**values, **ended}
+        return {**values, **_outcome(turn, job.options.get("json_schema"))}
+
+    async def _stop_session(self, session_id: str) -> None:
+        async with self._db_factory() as db:
+            session = await db.get(Session, session_id)
+            if session is not None:
+                await self._sessions.stop(db=db, session=session)
+
+    async def _finish(self, job_id: str, values: dict[str, Any]) -> None:
+        """Record the outcome if this replica still runs the job (retried while the database
+        is down)."""
+        values = {**values, "worker": None, "heartbeat_at": None, "finished_at": utcnow()}
+        delay = 0.5
+        while True:
+            try:
+                async with self._db_factory() as db:
+                    done = await db.exec(
+                        update(Job)
+                        .where(col(Job.id) == job_id, col(Job.worker) == self.worker)
+                        .values(**values)
+                    )
+                    await db.commit()
+                if done.rowcount == 1:
+                    self._metrics.jobs_finished.labels(str(values["status"])).inc()
+                return
+            except (SQLAlchemyError, ConnectionError, OSError) as exc:
+                logger.warning("jobs: cannot record job %s yet: %s", job_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+
+def _costs(turn: Turn | None) -> dict[str, Any]:
+    if turn is None:
+        return {}
+    cost = turn.cost_usd if turn.cost_usd is not None else turn.total_cost_usd
+    return {
+        "cost_usd": cost,
+        "usage": turn.usage,
+        "num_turns": turn.num_turns,
+        "duration_ms": turn.duration_ms,
+    }
+
+
+def _outcome(turn: Turn, schema: dict[str, Any] | None) -> dict[str, Any]:
+    """completed with the result (and the structured output, checked against ``schema``), or
+    failed with why."""
+    if turn.status is not TurnStatus.COMPLETED or turn.is_error:
+        why = "; ".join(turn.errors or []) or turn.subtype or turn.outcome or turn.status.value
+        return {
+            "status": JobStatus.FAILED,
+            "result": turn.result,
+            "error": f"the run failed: {why}",
+        }
+    if schema is None:
+        return {"status": JobStatus.COMPLETED, "result": turn.result}
+    if turn.structured_output is not None:
+        return validate_structured(turn.result, schema, data=turn.structured_output)
+    return validate_structured(turn.result, schema)
+
+
+_NO_DATA = object()
+
+
+def validate_structured(
+    result: str | None, schema: dict[str, Any], *, data: Any = _NO_DATA
+) -> dict[str, Any]:
+    """The job's columns for a structured result: ``data`` (the CLI's ``structured_output``;
+    by default the result text parsed as JSON) must conform to ``schema`` — completed with
+    ``structured_output``, or failed naming the first violation and where it is. The CLI
+    checks it too, but it runs in the container: the gateway checks again."""
+    if data is _NO_DATA:
+        try:
+            data = json.loads(result or "")
+        except ValueError:
+            return {
+                "status": JobStatus.FAILED,
+                "result": result,
+                "error": "the result is not JSON, so it cannot conform to json_schema",
+            }
+    errors = sorted(Draft202012Validator(schema).iter_errors(data), key=lambda e: list(e.path))
+    if errors:
+        first = errors[0]
+        where = "/".join(str(p) for p in first.absolute_path) or "(root)"
+        return {
+            "status": JobStatus.FAILED,
+            "result": result,
+            "structured_output": data,
+            "error": f"the result does not conform to json_schema at {where}: {first.message}",
+        }
+    return {"status": JobStatus.COMPLETED, "result": result, "structured_output": data}
+
+
+__all__ = ["JobQueue", "WorkspaceFailed", "substitute", "validate_structured"]

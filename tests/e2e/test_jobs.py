@@ -1,0 +1,351 @@
+"""Batch jobs with the real CLI in real containers, real git and real uploads: a job on a
+registered repository works in a copy-on-write clone and pulls first; a broken remote is
+``git_failed``; uploaded files and ``{{name}}``; structured output against a JSON Schema; the
+queue's limits, fairness and positions; cancel and timeout stop the container."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+
+from scripted_model import ScriptedModelServer
+from tests.conftest import Api, full_stack_settings
+from tests.containers import PostgresContainer, RedisContainer, S3Container
+from tests.integration.test_repositories import git, make_upstream
+from tests.servers import GatewayServer
+
+pytestmark = pytest.mark.e2e
+
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d4944415478da63"
+    "f8cfc0f01f0005000201a5f8a30d0000000049454e44ae426082"
+)
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the test's upstream repositories live (the gateway's file-URL root)."""
+    return Path(tmp_path_factory.mktemp("job-upstreams"))
+
+
+@pytest.fixture(scope="module")
+def jobs_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    roots: Path,
+    redis_server: RedisContainer,
+    postgres_server: PostgresContainer,
+    s3_server: S3Container,
+    scripted_model: ScriptedModelServer,
+    docker_client: docker.DockerClient,
+) -> Iterator[GatewayServer]:
+    """A gateway of its own (its own database) running at most 3 jobs, 2 per user."""
+    settings = full_stack_settings(
+        Path(tmp_path_factory.mktemp("gw-jobs")),
+        redis_server,
+        postgres_server,
+        s3_server,
+        scripted_model,
+        database_url=postgres_server.new_database(),
+        repo_file_roots=[roots],
+        job_concurrency=3,
+        job_concurrency_per_user=2,
+        job_max_file_bytes=1024 * 1024,
+    )
+    gateway = GatewayServer(settings).start()
+    yield gateway
+    gateway.stop()
+    for volume in docker_client.volumes.list(filters={"label": "ccgate.job"}):
+        if volume.attrs.get("Labels", {}).get("ccgate.deployment") == settings.deployment_id:
+            volume.remove(force=True)
+
+
+@pytest.fixture
+async def make_user(jobs_gateway: GatewayServer) -> AsyncIterator[Any]:
+    """Factory of users of the jobs gateway; their clients are closed after the test."""
+    made: list[Api] = []
+
+    def _make() -> Api:
+        api = Api(jobs_gateway, f"test-{uuid.uuid4().hex[:8]}")
+        made.append(api)
+        return api
+
+    yield _make
+    for api in made:
+        await api.http.aclose()
+
+
+async def finished(api: Api, job_id: str, timeout_s: float = 90) -> dict[str, Any]:
+    """The job once it is final."""
+    final = {"completed", "failed", "git_failed", "timeout", "cancelled"}
+    async with asyncio.timeout(timeout_s):
+        while True:
+            r = await api.http.get(f"/api/v1/jobs/{job_id}")
+            assert r.status_code == 200, r.text
+            job: dict[str, Any] = r.json()
+            if job["status"] in final:
+                return job
+            await asyncio.sleep(0.2)
+
+
+async def registered(api: Api, name: str, upstream: Path) -> dict[str, Any]:
+    r = await api.http.post(
+        "/api/v1/repositories", json={"name": name, "git_url": f"file://{upstream}"}
+    )
+    assert r.status_code == 202, r.text
+    async with asyncio.timeout(30):
+        while True:
+            repo: dict[str, Any] = (await api.http.get(f"/api/v1/repositories/{name}")).json()
+            if repo["status"] != "cloning":
+                assert repo["status"] == "ready", repo
+                return repo
+            await asyncio.sleep(0.1)
+
+
+async def test_a_job_on_a_repository_changes_its_own_clone_and_pulls_first(
+    make_user: Any, roots: Path, jobs_gateway: GatewayServer
+) -> None:
+    api: Api = make_user()
+    upstream = roots / f"app-{uuid.uuid4().hex[:6]}"
+    first = make_upstream(upstream, {"README.md": "hello\n", "app.py": "print(1)\n"})
+    repo = await registered(api, "app", upstream)
+    clone = jobs_gateway.settings.repos_path / repo["id"] / "g1"
+
+    r = await api.http.post(
+        "/api/v1/jobs",
+        json={
+            "prompt": "bash echo changed >> README.md && rm app.py && echo new > new.txt "
+            "&& git status --short",
+            "source": {"type": "repository", "repository": "app"},
+            "tags": ["nightly", "a_b"],
+        },
+    )
+    assert r.status_code == 201, r.text
+    job = await finished(api, r.json()["id"])
+    assert job["status"] == "completed", job
+    assert job["workspace_mode"] in ("overlay", "copy")
+    assert job["git_commit"] == first and job["git_status"] == f"up to date at {first[:12]}"
+    # git in the workspace sees the job's changes, and nothing of the uploads directory.
+    assert " M README.md" in job["result"] and " D app.py" in job["result"], job["result"]
+    assert "?? new.txt" in job["result"] and ".ccgate" not in job["result"]
+    assert job["cost_usd"] is not None and job["num_turns"] >= 1 and job["session_id"]
+    # The registered clone is untouched.
+    assert (clone / "README.md").read_text() == "hello\n" and (clone / "app.py").exists()
+    # The workspace as the job left it, through the API.
+    text = await api.http.get(
+        f"/api/v1/jobs/{job['id']}/files/README.md", params={"format": "text"}
+    )
+    assert text.json()["content"] == "hello\nchanged\n", text.text
+    listing = (await api.http.get(f"/api/v1/jobs/{job['id']}/files")).json()
+    names = {e["name"]: e["kind"] for e in listing["entries"]}
+    assert names.get("new.txt") == "file" and "app.py" not in names and names[".git"] == "dir"
+    changes = (await api.http.get(f"/api/v1/jobs/{job['id']}/changes")).json()["changes"]
+    if job["workspace_mode"] == "overlay":
+        seen = {c["path"]: c["change"] for c in changes}
+        assert seen["README.md"] == "modified" and seen["app.py"] == "deleted"
+        assert seen["new.txt"] == "added"
+    escape = await api.http.get(f"/api/v1/jobs/{job['id']}/files/..%2F..%2Fetc%2Fpasswd")
+    assert escape.status_code in (404, 422), escape.text
+    assert (await api.http.get(f"/api/v1/jobs/{job['id']}/files/nope.txt")).status_code == 404
+
+    # A new upstream commit is pulled before the next job (git_aware, the default).
+    (upstream / "app.py").write_text("print(2)\n")
+    git("commit", "-q", "-am", "second", cwd=upstream)
+    second = git("rev-parse", "HEAD", cwd=upstream)
+    r = await api.http.post(
+        "/api/v1/jobs",
+        json={"prompt": "bash cat app.py", "source": {"type": "repository", "repository": "app"}},
+    )
+    job2 = await finished(api, r.json()["id"])
+    assert job2["status"] == "completed", job2
+    assert "print(2)" in job2["result"] and job2["git_commit"] == second
+    assert job2["git_status"] == f"pulled to {second[:12]}"
+    # The first job's workspace still reads its own generation.
+    again = await api.http.get(
+        f"/api/v1/jobs/{job['id']}/files/README.md", params={"format": "text"}
+    )
+    assert again.json()["content"] == "hello\nchanged\n"
+    # Deleting the repository is refused while a job uses it only until it is finished.
+    filtered = (await api.http.get("/api/v1/jobs", params={"tag": "a_b"})).json()
+    assert [j["id"] for j in filtered["jobs"]] == [job["id"]]
+    by_repo = (await api.http.get("/api/v1/jobs", params={"repository": "app"})).json()
+    assert by_repo["total"] == 2
+    assert (await api.http.delete(f"/api/v1/jobs/{job['id']}")).status_code == 204
+    assert (await api.http.get(f"/api/v1/jobs/{job['id']}")).status_code == 404
+    assert not (jobs_gateway.settings.jobs_path / job["id"]).exists()
+
+
+async def test_a_broken_remote_makes_the_job_git_failed(make_user: Any, roots: Path) -> None:
+    api: Api = make_user()
+    upstream = roots / f"gone-{uuid.uuid4().hex[:6]}"
+    make_upstream(upstream, {"x.txt": "x\n"})
+    await registered(api, "gone", upstream)
+    upstream.rename(upstream.with_name(upstream.name + "-moved"))
+    r = await api.http.post(
+        "/api/v1/jobs",
+        json={"prompt": "bash ls", "source": {"type": "repository", "repository": "gone"}},
+    )
+    job = await finished(api, r.json()["id"])
+    assert job["status"] == "git_failed", job
+    assert "git ls-remote failed" in job["error"] and job["session_id"] is None
+
+
+async def test_uploaded_files_are_in_the_workspace_and_named_in_the_prompt(make_user: Any) -> None:
+    api: Api = make_user()
+    r = await api.http.post(
+        "/api/v1/jobs",
+        json={
+            "prompt": "bash echo PROMPT={{a.csv}} && cat {{a.csv}} && wc -c < {{pixel.png}}",
+            "start": False,
+        },
+    )
+    assert r.status_code == 201 and r.json()["status"] == "created", r.text
+    job_id = r.json()["id"]
+    files = [
+        ("files", ("a.csv", b"id,name\n1,alpha\n", "text/csv")),
+        ("files", ("pixel.png", PNG, "image/png")),
+    ]
+    up = await api.http.post(f"/api/v1/jobs/{job_id}/files", files=files)
+    assert up.status_code == 200, up.text
+    assert {f["name"]: f["size"] for f in up.json()["files"]} == {
+        "a.csv": 16,
+        "pixel.png": len(PNG),
+    }
+    bad = await api.http.post(
+        f"/api/v1/jobs/{job_id}/files", files=[("files", ("../x", b"x", "text/plain"))]
+    )
+    assert bad.status_code == 422 and "plain name" in bad.text
+    big = await api.http.post(
+        f"/api/v1/jobs/{job_id}/files",
+        files=[("files", ("big.bin", b"0" * (1024 * 1024 + 1), "application/octet-stream"))],
+    )
+    assert big.status_code == 413, big.text
+    assert (await api.http.post(f"/api/v1/jobs/{job_id}/start")).status_code == 202
+    assert (await api.http.post(f"/api/v1/jobs/{job_id}/start")).status_code == 409
+    job = await finished(api, job_id)
+    assert job["status"] == "completed", job
+    assert "PROMPT=/workspace/.ccgate/uploads/a.csv" in job["result"]
+    assert "1,alpha" in job["result"] and str(len(PNG)) in job["result"]
+    assert [f["name"] for f in job["files"]] == ["a.csv", "pixel.png"]
+    png = await api.http.get(f"/api/v1/jobs/{job_id}/files/.ccgate/uploads/pixel.png")
+    assert png.status_code == 200 and png.content == PNG
+    late = await api.http.post(
+        f"/api/v1/jobs/{job_id}/files", files=[("files", ("late.txt", b"x", "text/plain"))]
+    )
+    assert late.status_code == 409
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "integer"}, "why": {"type": "string"}},
+    "required": ["answer"],
+}
+
+
+async def test_structured_output_is_parsed_and_checked_against_the_schema(make_user: Any) -> None:
+    api: Api = make_user()
+    r = await api.http.post(
+        "/api/v1/jobs",
+        json={"prompt": 'structured {"answer": 42, "why": "it is"}', "json_schema": SCHEMA},
+    )
+    assert r.status_code == 201, r.text
+    job = await finished(api, r.json()["id"])
+    assert job["status"] == "completed", (job["error"], job["result"])
+    assert job["structured_output"] == {"answer": 42, "why": "it is"}
+    invalid = await api.http.post(
+        "/api/v1/jobs", json={"prompt": "x", "json_schema": {"type": "no-such-type"}}
+    )
+    assert invalid.status_code == 422 and "not a valid JSON Schema" in invalid.text
+
+
+async def test_a_result_that_does_not_conform_fails_the_job_with_the_violation(
+    make_user: Any,
+) -> None:
+    api: Api = make_user()
+    # Without --json-schema the CLI returns the text as it is; the gateway still checks it.
+    r = await api.http.post("/api/v1/jobs", json={"prompt": "echo not json", "json_schema": SCHEMA})
+    job = await finished(api, r.json()["id"])
+    assert job["status"] == "failed", job
+    assert "json_schema" in job["error"], job["error"]
+
+
+async def test_the_queue_holds_its_limits_is_fair_and_shows_positions(
+    make_user: Any, jobs_gateway: GatewayServer, docker_client: docker.DockerClient
+) -> None:
+    alice: Api = make_user()
+    bob: Api = make_user()
+    ids: dict[str, str] = {}
+    for _ in range(12):
+        r = await alice.http.post("/api/v1/jobs", json={"prompt": "slow 1", "tags": ["q"]})
+        assert r.status_code == 201, r.text
+        ids[r.json()["id"]] = "alice"
+    for _ in range(8):
+        r = await bob.http.post("/api/v1/jobs", json={"prompt": "slow 1", "tags": ["q"]})
+        ids[r.json()["id"]] = "bob"
+    positions = [
+        j["queue_position"]
+        for api in (alice, bob)
+        for j in (await api.http.get("/api/v1/jobs", params={"status": "queued"})).json()["jobs"]
+    ]
+    assert positions and len(set(positions)) == len(positions), positions
+    async with asyncio.timeout(240):
+        while True:
+            jobs = [
+                j
+                for api in (alice, bob)
+                for j in (await api.http.get("/api/v1/jobs", params={"tag": "q"})).json()["jobs"]
+            ]
+            if all(j["status"] == "completed" for j in jobs):
+                break
+            await asyncio.sleep(0.2)
+    # Never more than 3 at once: the gateway's own start and finish times of every job.
+    moments = sorted(
+        [(j["started_at"], 1) for j in jobs] + [(j["finished_at"], -1) for j in jobs],
+        key=lambda m: (m[0], m[1]),
+    )
+    running = most = 0
+    for _, step in moments:
+        running += step
+        most = max(most, running)
+    assert most == 3, most
+    started = {j["id"]: j["started_at"] for j in jobs}
+    # Fair: while both have jobs queued, neither runs more than 2 jobs ahead of the other.
+    order = [ids[j] for j in sorted(started, key=lambda i: started[i])]
+    for k in range(1, 17):
+        head = order[:k]
+        assert abs(head.count("alice") - head.count("bob")) <= 2, order
+
+
+async def test_cancel_and_timeout_stop_the_running_container(
+    make_user: Any, docker_client: docker.DockerClient
+) -> None:
+    api: Api = make_user()
+    r = await api.http.post("/api/v1/jobs", json={"prompt": "slow 60"})
+    job_id = r.json()["id"]
+    async with asyncio.timeout(60):
+        while True:
+            job = (await api.http.get(f"/api/v1/jobs/{job_id}")).json()
+            if job["status"] == "running" and job["session_id"]:
+                break
+            await asyncio.sleep(0.1)
+    sid = job["session_id"]
+    assert docker_client.containers.get(f"ccgate-{sid}").status == "running"
+    began = time.monotonic()
+    assert (await api.http.post(f"/api/v1/jobs/{job_id}/cancel")).status_code == 202
+    cancelled = await finished(api, job_id, timeout_s=30)
+    assert cancelled["status"] == "cancelled", cancelled
+    assert time.monotonic() - began < 20
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(f"ccgate-{sid}")
+
+    r = await api.http.post("/api/v1/jobs", json={"prompt": "slow 60", "timeout_s": 4})
+    timed = await finished(api, r.json()["id"], timeout_s=60)
+    assert timed["status"] == "timeout" and "timeout of 4s" in timed["error"], timed
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(f"ccgate-{timed['session_id']}")
