@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -26,7 +25,6 @@ import zlib
 from datetime import timedelta
 from typing import Any
 
-from jsonschema import Draft202012Validator
 from sqlalchemy import func, or_, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -41,7 +39,6 @@ from gateway.db.models import (
     RepositoryStatus,
     Session,
     Turn,
-    TurnStatus,
     as_utc,
     utcnow,
 )
@@ -50,11 +47,10 @@ from gateway.metrics import Metrics
 from gateway.schemas import SessionConfig
 from gateway.services.fair_queue import Queued, QueueState, next_to_run
 from gateway.services.git import GIT_LOCAL_TIMEOUT_S, GitFailed, UrlPolicy, run_git
+from gateway.services.job_results import costs, outcome, substitute
 from gateway.services.job_workspace import (
-    UPLOADS_IN_WORKSPACE,
     JobWorkspaces,
     PreparedWorkspace,
-    WorkspaceFailed,
 )
 from gateway.services.repositories import RepositoryService
 from gateway.services.sessions import SessionService
@@ -103,14 +99,6 @@ async def load_queue(db: AsyncSession) -> QueueState:
         running={owner: int(n) for owner, n in counts.all()},
         last_started={owner: as_utc(at) or utcnow() for owner, at in starts.all() if at},
     )
-
-
-def substitute(prompt: str, names: list[str]) -> str:
-    """``{{name}}`` of each uploaded file → its absolute path in the workspace; other
-    placeholders are left as they are."""
-    for name in names:
-        prompt = prompt.replace("{{" + name + "}}", f"/workspace/{UPLOADS_IN_WORKSPACE}/{name}")
-    return prompt
 
 
 class JobQueue:
@@ -407,10 +395,10 @@ class JobQueue:
         await self._stop_session(session_id)
         async with self._db_factory() as db:
             final_turn = await db.get(Turn, turn_id)
-        values = _costs(final_turn)
+        values = costs(final_turn)
         if ended is not None:
             return {**values, **ended}
-        return {**values, **_outcome(turn, job.options.get("json_schema"))}
+        return {**values, **outcome(turn, job.options.get("json_schema"))}
 
     async def _stop_session(self, session_id: str) -> None:
         async with self._db_factory() as db:
@@ -439,67 +427,3 @@ class JobQueue:
                 logger.warning("jobs: cannot record job %s yet: %s", job_id, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
-
-
-def _costs(turn: Turn | None) -> dict[str, Any]:
-    if turn is None:
-        return {}
-    cost = turn.cost_usd if turn.cost_usd is not None else turn.total_cost_usd
-    return {
-        "cost_usd": cost,
-        "usage": turn.usage,
-        "num_turns": turn.num_turns,
-        "duration_ms": turn.duration_ms,
-    }
-
-
-def _outcome(turn: Turn, schema: dict[str, Any] | None) -> dict[str, Any]:
-    """completed with the result (and the structured output, checked against ``schema``), or
-    failed with why."""
-    if turn.status is not TurnStatus.COMPLETED or turn.is_error:
-        why = "; ".join(turn.errors or []) or turn.subtype or turn.outcome or turn.status.value
-        return {
-            "status": JobStatus.FAILED,
-            "result": turn.result,
-            "error": f"the run failed: {why}",
-        }
-    if schema is None:
-        return {"status": JobStatus.COMPLETED, "result": turn.result}
-    if turn.structured_output is not None:
-        return validate_structured(turn.result, schema, data=turn.structured_output)
-    return validate_structured(turn.result, schema)
-
-
-_NO_DATA = object()
-
-
-def validate_structured(
-    result: str | None, schema: dict[str, Any], *, data: Any = _NO_DATA
-) -> dict[str, Any]:
-    """The job's columns for a structured result: ``data`` (the CLI's ``structured_output``;
-    by default the result text parsed as JSON) must conform to ``schema`` — completed with
-    ``structured_output``, or failed naming the first violation and where it is. The CLI
-    checks it too, but it runs in the container: the gateway checks again."""
-    if data is _NO_DATA:
-        try:
-            data = json.loads(result or "")
-        except ValueError:
-            return {
-                "status": JobStatus.FAILED,
-                "result": result,
-                "error": "the result is not JSON, so it cannot conform to json_schema",
-            }
-    errors = sorted(Draft202012Validator(schema).iter_errors(data), key=lambda e: list(e.path))
-    if errors:
-        first = errors[0]
-        where = "/".join(str(p) for p in first.absolute_path) or "(root)"
-        return {
-            "status": JobStatus.FAILED,
-            "result": result,
-            "structured_output": data,
-            "error": f"the result does not conform to json_schema at {where}: {first.message}",
-        }
-    return {"status": JobStatus.COMPLETED, "result": result, "structured_output": data}
-
-
-__all__ = ["JobQueue", "WorkspaceFailed", "substitute", "validate_structured"]

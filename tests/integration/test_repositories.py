@@ -21,7 +21,7 @@ import pytest
 from gateway.auth import mint_token
 from gateway.db.engine import make_db_factory, make_engine
 from gateway.db.models import Repository, RepositoryStatus
-from gateway.services import repositories as repositories_module
+from gateway.services import repo_work as repositories_module
 from tests.conftest import JWT_SECRET, make_settings
 from tests.containers import PostgresContainer, RedisContainer
 from tests.servers import GatewayServer

@@ -14,7 +14,7 @@ from gateway.db.models import JobStatus
 from gateway.errors import InvalidRequest, NotFound
 from gateway.services import workspace_files
 from gateway.services.fair_queue import Queued, QueueState, fair_order, next_to_run
-from gateway.services.job_queue import substitute, validate_structured
+from gateway.services.job_results import substitute, validate_structured
 from gateway.services.job_workspace import PreparedWorkspace
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)

@@ -1,0 +1,45 @@
+"""Generations of a repository's clone (``CCGATE_REPOS_DIR/<id>/g<N>``): making the next one
+cheaply from the current one, and removing a repository's directory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from gateway.services.git import GitFailed
+
+
+def snapshot(source: Path, target: Path) -> None:
+    """A new generation from ``source``: every file hard-linked (``cp -al``), then git's own
+    files outside ``.git/objects`` (index, refs, logs, config — which git rewrites or appends
+    to in place) replaced by real copies. Objects are immutable and git replaces work-tree
+    files by unlinking them, so nothing done in ``target`` shows through in ``source``."""
+    done = subprocess.run(
+        ["cp", "-al", "--", str(source), str(target)], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise GitFailed(f"cannot link the clone for the pull: {done.stderr.strip()[-300:]}")
+    git_dir = target / ".git"
+    for root, dirs, files in os.walk(git_dir):
+        if Path(root) == git_dir and "objects" in dirs:
+            dirs.remove("objects")
+        for name in files:
+            path = Path(root) / name
+            if path.is_symlink() or not path.is_file():
+                continue
+            copy = path.with_name(f".{name}.ccgate-copy")
+            shutil.copy2(path, copy)
+            os.replace(copy, path)
+
+
+def remove_root(root: Path, *, everything: bool) -> None:
+    """Remove a repository's directory: all of it (``everything``: the repository is gone and
+    no job uses a generation), or only when nothing is left in it."""
+    if everything:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    with contextlib.suppress(OSError):
+        root.rmdir()
