@@ -24,10 +24,10 @@ class BodyLimitMiddleware:
         *,
         max_bytes: int,
         skip_prefixes: tuple[str, ...],
-        larger: tuple[tuple[re.Pattern[str], int], ...] = (),
+        larger: tuple[tuple[re.Pattern[str], int, str], ...] = (),
     ) -> None:
-        """``larger``: (path pattern, limit) pairs for routes with their own larger limit
-        (file uploads); the first pattern that matches the whole path wins."""
+        """``larger``: (path pattern, limit, the settings that make it) for routes with their own
+        larger limit (file uploads); the first pattern that matches the whole path wins."""
         self.app = app
         self.default_max_bytes = max_bytes
         self.skip_prefixes = skip_prefixes
@@ -38,18 +38,20 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or path.startswith(self.skip_prefixes):
             await self.app(scope, receive, send)
             return
-        max_bytes = next(
-            (limit for pattern, limit in self.larger if pattern.fullmatch(path)),
-            self.default_max_bytes,
+        max_bytes, setting = next(
+            ((limit, name) for pattern, limit, name in self.larger if pattern.fullmatch(path)),
+            (self.default_max_bytes, "CCGATE_MAX_REQUEST_BYTES"),
         )
-        await self._limited(scope, receive, send, max_bytes)
+        await self._limited(scope, receive, send, max_bytes, setting)
 
-    async def _limited(self, scope: Scope, receive: Receive, send: Send, max_bytes: int) -> None:
+    async def _limited(
+        self, scope: Scope, receive: Receive, send: Send, max_bytes: int, setting: str
+    ) -> None:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None:
             if declared.isdigit() and int(declared) > max_bytes:
-                await self._refuse(send, max_bytes)
+                await self._refuse(send, max_bytes, setting)
                 return
             await self.app(scope, receive, send)
             return
@@ -65,7 +67,7 @@ class BodyLimitMiddleware:
                 break
             size += len(message.get("body", b""))
             if size > max_bytes:
-                await self._refuse(send, max_bytes)
+                await self._refuse(send, max_bytes, setting)
                 return
             if not message.get("more_body"):
                 break
@@ -75,12 +77,7 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send, max_bytes: int) -> None:
-        setting = (
-            "CCGATE_MAX_REQUEST_BYTES"
-            if max_bytes == self.default_max_bytes
-            else "CCGATE_JOB_MAX_FILE_BYTES * CCGATE_JOB_MAX_FILES"
-        )
+    async def _refuse(self, send: Send, max_bytes: int, setting: str) -> None:
         body = json.dumps(
             {
                 "detail": f"request body over {max_bytes} bytes ({setting})",

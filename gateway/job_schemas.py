@@ -35,13 +35,22 @@ class GitSource(_Strict):
     ref: str | None = Field(default=None, max_length=255, description="branch or tag")
 
 
+class ZipSource(_Strict):
+    """Run on the files of a zip archive, uploaded with ``PUT /jobs/{id}/workspace`` before the
+    job starts (create it with ``start: false``)."""
+
+    type: Literal["zip"]
+
+
 class EmptySource(_Strict):
     """Run in an empty workspace (plus the uploaded files)."""
 
     type: Literal["empty"] = "empty"
 
 
-JobSource = Annotated[RepositorySource | GitSource | EmptySource, Field(discriminator="type")]
+JobSource = Annotated[
+    RepositorySource | GitSource | ZipSource | EmptySource, Field(discriminator="type")
+]
 
 
 class JobCreate(_Strict):
@@ -59,6 +68,9 @@ class JobCreate(_Strict):
     append_system_prompt: str | None = Field(default=None, max_length=100_000)
     json_schema: dict[str, Any] | None = Field(
         default=None, description="JSON Schema the result must conform to (structured output)"
+    )
+    mcp_servers: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="MCP servers of this job (as a session's)"
     )
     mcp_profiles: list[Annotated[str, Field(pattern=PROFILE_NAME)]] = Field(
         default_factory=list, max_length=10
@@ -87,6 +99,7 @@ class JobCreate(_Strict):
                     "system_prompt",
                     "append_system_prompt",
                     "json_schema",
+                    "mcp_servers",
                     "mcp_profiles",
                 },
                 exclude_none=True,

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from gateway import __version__
-from gateway.api import about, api_router, health, metrics, model_proxy
+from gateway.api import about, api_router, health, metrics, model_proxy, tasks
 from gateway.bodylimit import BodyLimitMiddleware
 from gateway.config import Settings
 from gateway.db.engine import make_db_factory, make_engine
@@ -280,11 +280,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             (
                 re.compile(r"/api/v1/jobs/[^/]+/files"),
                 settings.job_max_file_bytes * settings.job_max_files + 1024 * 1024,
+                "CCGATE_JOB_MAX_FILE_BYTES * CCGATE_JOB_MAX_FILES",
+            ),
+            (
+                re.compile(r"/api/(v1/jobs|tasks)/[^/]+/workspace"),
+                settings.job_max_zip_bytes + 1024 * 1024,
+                "CCGATE_JOB_MAX_ZIP_BYTES",
             ),
         ),
     )
     app.add_middleware(RequestIdMiddleware)
     app.include_router(api_router)
+    app.include_router(tasks.router)
     app.include_router(health.router)
     app.include_router(about.router)
     app.include_router(metrics.router)

@@ -104,6 +104,21 @@ async def upload_files(
     return await _public(jobs, db, job_id, user.user)
 
 
+@router.put("/{job_id}/workspace")
+async def upload_workspace(
+    job_id: str,
+    user: UserToken,
+    db: DbDep,
+    jobs: Jobs,
+    file: Annotated[UploadFile, File(description="the zip archive")],
+) -> JobPublic:
+    """Upload the zip of a ``created`` job whose source is ``zip`` (multipart, field ``file``);
+    it is unpacked into the workspace when the job runs (paths leaving it, symlinks, or more
+    than CCGATE_JOB_MAX_ZIP_BYTES unpacked fail the job). 413 over CCGATE_JOB_MAX_ZIP_BYTES."""
+    await jobs.upload_workspace(db, owner=user.user, job_id=job_id, upload=file)
+    return await _public(jobs, db, job_id, user.user)
+
+
 @router.post("/{job_id}/start", status_code=status.HTTP_202_ACCEPTED)
 async def start_job(job_id: str, user: UserToken, db: DbDep, jobs: Jobs) -> JobPublic:
     """Queue a ``created`` job; 409 when it was started already."""

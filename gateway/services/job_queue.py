@@ -35,8 +35,6 @@ from gateway.config import Settings
 from gateway.db.models import (
     Job,
     JobStatus,
-    Repository,
-    RepositoryStatus,
     Session,
     Turn,
     as_utc,
@@ -46,8 +44,9 @@ from gateway.errors import AdmissionRefused, GatewayError, TurnTimeout
 from gateway.metrics import Metrics
 from gateway.schemas import SessionConfig
 from gateway.services.fair_queue import Queued, QueueState, next_to_run
-from gateway.services.git import GIT_LOCAL_TIMEOUT_S, GitFailed, UrlPolicy, run_git
-from gateway.services.job_results import costs, outcome, substitute
+from gateway.services.git import UrlPolicy
+from gateway.services.job_prepare import WorkspacePreparer
+from gateway.services.job_results import JobEnded, costs, outcome, substitute
 from gateway.services.job_workspace import (
     JobWorkspaces,
     PreparedWorkspace,
@@ -64,14 +63,6 @@ CHECK_S = 2.0
 """How often a running job looks for a cancel and its deadline."""
 _LOCK_KEY = zlib.crc32(b"ccgate-jobs")
 _ACTIVE = [JobStatus.GIT_PULLING, JobStatus.RUNNING]
-
-
-class _Final(Exception):
-    """The job ends here with these column values (status, error…)."""
-
-    def __init__(self, **values: Any) -> None:
-        super().__init__(values.get("error"))
-        self.values = values
 
 
 async def load_queue(db: AsyncSession) -> QueueState:
@@ -121,6 +112,9 @@ class JobQueue:
         self._metrics = metrics
         self._policy = UrlPolicy(
             allow_http=settings.repo_allow_http, file_roots=tuple(settings.repo_file_roots)
+        )
+        self._preparer = WorkspacePreparer(
+            settings, db_factory, workspaces, repositories, metrics, self._update
         )
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -224,7 +218,7 @@ class JobQueue:
         heartbeat = asyncio.create_task(self._heartbeat(job_id), name=f"job-hb-{job_id}")
         try:
             values = await self._execute(job_id)
-        except _Final as final:
+        except JobEnded as final:
             values = final.values
         except GatewayError as exc:
             values = {"status": JobStatus.FAILED, "error": str(exc)}
@@ -268,77 +262,11 @@ class JobQueue:
         if job.turn_id is None or job.session_id is None:
             if job.cancel_requested:
                 return {"status": JobStatus.CANCELLED, "error": "cancelled before it ran"}
-            ws = await self._prepare(job, deadline)
+            ws = await self._preparer.prepare(job, deadline)
             session_id, turn_id = await self._launch(job, ws, deadline)
         else:
             session_id, turn_id = job.session_id, job.turn_id
         return await self._await_result(job, session_id, turn_id, deadline)
-
-    async def _prepare(self, job: Job, deadline: float) -> PreparedWorkspace:
-        source = job.source
-        kind = source.get("type", "empty")
-        git: dict[str, Any] = {}
-        began = time.monotonic()
-        if kind == "repository":
-            assert job.repository_id is not None
-            repo = await self._repository(job, deadline)
-            await self._update(job.id, status=JobStatus.RUNNING)
-            began = time.monotonic()
-            ws = await self._workspaces.from_clone(
-                job.id, job.owner, self._repositories.clone_path(repo)
-            )
-            git["git_commit"] = repo.head_commit
-        else:
-            target, ws = await self._workspaces.directory(job.id, job.owner)
-            if kind == "git":
-                args = ["clone", "--depth", "1", "--single-branch", "--no-tags"]
-                if source.get("ref"):
-                    args += ["--branch", str(source["ref"])]
-                try:
-                    await run_git(
-                        [*args, "--", str(source["url"]), str(target)],
-                        policy=self._policy,
-                        timeout_s=max(1.0, min(self._settings.repo_clone_timeout_s,
-                                               deadline - time.monotonic())),
-                    )  # fmt: skip
-                    head = await run_git(
-                        ["rev-parse", "HEAD"],
-                        policy=self._policy,
-                        timeout_s=GIT_LOCAL_TIMEOUT_S,
-                        cwd=target,
-                    )
-                except GitFailed as exc:
-                    raise _Final(status=JobStatus.GIT_FAILED, error=str(exc)) from exc
-                git = {"git_commit": head.strip(), "git_status": f"cloned {source['url']}"}
-            await self._workspaces.finish_directory(job.id, job.owner, ws)
-        await self._workspaces.add_uploads(job.id, ws)
-        self._metrics.job_workspace_seconds.labels(ws.mode).observe(time.monotonic() - began)
-        await self._update(job.id, workspace=ws.to_json(), **git)
-        return ws
-
-    async def _repository(self, job: Job, deadline: float) -> Repository:
-        assert job.repository_id is not None
-        if job.source.get("git_aware", True):
-            async with self._db_factory() as db:
-                before = await db.get(Repository, job.repository_id)
-            try:
-                repo = await self._repositories.pull_for_job(
-                    job.repository_id,
-                    timeout_s=max(1.0, min(self._settings.repo_clone_timeout_s,
-                                           deadline - time.monotonic())),
-                )  # fmt: skip
-            except GitFailed as exc:
-                raise _Final(status=JobStatus.GIT_FAILED, error=str(exc)) from exc
-            moved = before is None or before.head_commit != repo.head_commit
-            status = f"{'pulled to' if moved else 'up to date at'} {(repo.head_commit or '')[:12]}"
-            await self._update(job.id, git_status=status)
-            return repo
-        async with self._db_factory() as db:
-            found = await db.get(Repository, job.repository_id)
-        if found is None or found.status is not RepositoryStatus.READY:
-            state = "deleted" if found is None else found.status.value
-            raise _Final(status=JobStatus.FAILED, error=f"the repository is {state}")
-        return found
 
     async def _launch(self, job: Job, ws: PreparedWorkspace, deadline: float) -> tuple[str, str]:
         prompt = substitute(job.prompt, [f["name"] for f in job.files])
@@ -352,12 +280,12 @@ class JobQueue:
                 break
             except AdmissionRefused as exc:
                 if time.monotonic() + CHECK_S >= deadline:
-                    raise _Final(
+                    raise JobEnded(
                         status=JobStatus.TIMEOUT,
                         error=f"no room for its session before its timeout: {exc}",
                     ) from exc
                 if await self._cancel_asked(job.id):
-                    raise _Final(
+                    raise JobEnded(
                         status=JobStatus.CANCELLED, error="cancelled before it ran"
                     ) from None
                 await asyncio.sleep(CHECK_S)

@@ -13,6 +13,14 @@ from gateway.db.models import JobStatus, Turn, TurnStatus
 from gateway.services.job_workspace import UPLOADS_IN_WORKSPACE
 
 
+class JobEnded(Exception):
+    """The job ends here with these column values (status, error…)."""
+
+    def __init__(self, **values: Any) -> None:
+        super().__init__(values.get("error"))
+        self.values = values
+
+
 def substitute(prompt: str, names: list[str]) -> str:
     """``{{name}}`` of each uploaded file → its absolute path in the workspace; other
     placeholders are left as they are."""

@@ -137,6 +137,10 @@ class JobWorkspaces:
         """The job's directory: ``uploads/``, and ``upper/`` + ``work/`` or ``ws/``."""
         return self._settings.jobs_path / job_id
 
+    def zip_path(self, job_id: str) -> Path:
+        """Where a zip job's archive waits for its start."""
+        return self.job_dir(job_id) / "source.zip"
+
     def uploads_dir(self, job_id: str) -> Path:
         """Where a job's uploaded files wait for its start."""
         return self.job_dir(job_id) / "uploads"

@@ -25,7 +25,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from gateway.config import Settings
 from gateway.db.models import Job, JobStatus, McpProfile, Repository, Session, utcnow
 from gateway.errors import AdmissionRefused, Conflict, InvalidRequest, NotFound, RequestTooLarge
-from gateway.job_schemas import GitSource, JobCreate, RepositorySource
+from gateway.job_schemas import GitSource, JobCreate, RepositorySource, ZipSource
 from gateway.services import workspace_files
 from gateway.services.fair_queue import fair_order
 from gateway.services.git import UrlPolicy, check_url
@@ -97,6 +97,11 @@ class JobService:
             check_url(source.url, self._policy)
             if source.ref is not None and (source.ref.startswith("-") or ".." in source.ref):
                 raise InvalidRequest(f"ref {source.ref!r} is not a valid branch or tag name")
+        elif isinstance(source, ZipSource) and body.start:
+            raise InvalidRequest(
+                "a zip job starts once its zip is uploaded: create it with start: false, "
+                "PUT /api/v1/jobs/{id}/workspace, then POST /api/v1/jobs/{id}/start"
+            )
         if body.mcp_profiles:
             found = set(
                 (
@@ -166,12 +171,15 @@ class JobService:
         repository: str | None,
         limit: int,
         offset: int,
+        statuses: list[JobStatus] | None = None,
     ) -> tuple[list[Job], int]:
-        """A page of the owner's jobs, newest first, filtered by status, one tag and a
-        repository name; and how many match."""
+        """A page of the owner's jobs, newest first, filtered by status (or any of
+        ``statuses``), one tag and a repository name; and how many match."""
         where = [col(Job.owner) == owner]
         if status is not None:
             where.append(col(Job.status) == status)
+        if statuses is not None:
+            where.append(col(Job.status).in_(statuses))
         if tag is not None:
             where.append(col(Job.tags).contains(f",{tag},", autoescape=True))
         if repository is not None:
@@ -221,7 +229,7 @@ class JobService:
         try:
             for name, upload in zip(names, files, strict=True):
                 partial = directory / f".partial-{uuid.uuid4().hex}"
-                size = await self._receive(upload, partial)
+                size = await self._receive(upload, partial, limit=self._settings.job_max_file_bytes)
                 received.append((name, partial, size))
         except BaseException:
             for _, partial, _ in received:
@@ -238,8 +246,7 @@ class JobService:
         await db.commit()
         return job
 
-    async def _receive(self, upload: Upload, target: Path) -> int:
-        limit = self._settings.job_max_file_bytes
+    async def _receive(self, upload: Upload, target: Path, *, limit: int) -> int:
         size = 0
         with target.open("wb") as out:
             while chunk := await upload.read(_CHUNK):
@@ -247,15 +254,42 @@ class JobService:
                 if size > limit:
                     raise RequestTooLarge(
                         f"{upload.filename} is larger than {limit} bytes "
-                        "(CCGATE_JOB_MAX_FILE_BYTES)"
+                        "(CCGATE_JOB_MAX_FILE_BYTES, CCGATE_JOB_MAX_ZIP_BYTES for a zip)"
                     )
                 await asyncio.to_thread(out.write, chunk)
         return size
 
-    async def start(self, db: AsyncSession, *, owner: str, job_id: str) -> Job:
-        """created → queued. Conflict when it was started already; AdmissionRefused when the
-        queue is full."""
+    async def upload_workspace(
+        self, db: AsyncSession, *, owner: str, job_id: str, upload: Upload
+    ) -> Job:
+        """Store the zip archive of a ``created`` zip job (replacing an earlier one); it is
+        unpacked into the workspace when the job runs. RequestTooLarge over
+        CCGATE_JOB_MAX_ZIP_BYTES; Conflict for another kind of job or one already started."""
         job = await self.get(db, owner=owner, job_id=job_id)
+        if job.source.get("type") != "zip":
+            raise Conflict(f"job {job_id} does not run on a zip (its source is {job.source})")
+        if job.status is not JobStatus.CREATED:
+            raise Conflict(f"job {job_id} is {job.status.value}; upload its zip before starting")
+        directory = self._workspaces.job_dir(job.id)
+        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+        partial = directory / f".partial-{uuid.uuid4().hex}"
+        try:
+            size = await self._receive(upload, partial, limit=self._settings.job_max_zip_bytes)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        os.replace(partial, self._workspaces.zip_path(job.id))
+        job.source = {**job.source, "zip_bytes": size}
+        db.add(job)
+        await db.commit()
+        return job
+
+    async def start(self, db: AsyncSession, *, owner: str, job_id: str) -> Job:
+        """created → queued. Conflict when it was started already or is a zip job without its
+        zip; AdmissionRefused when the queue is full."""
+        job = await self.get(db, owner=owner, job_id=job_id)
+        if job.source.get("type") == "zip" and not self._workspaces.zip_path(job.id).is_file():
+            raise Conflict(f"job {job_id} runs on a zip: upload it first (PUT …/workspace)")
         await self._check_room(db)
         moved = await db.exec(
             update(Job)

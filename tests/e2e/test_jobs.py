@@ -349,3 +349,135 @@ async def test_cancel_and_timeout_stop_the_running_container(
     assert timed["status"] == "timeout" and "timeout of 4s" in timed["error"], timed
     with pytest.raises(docker.errors.NotFound):
         docker_client.containers.get(f"ccgate-{timed['session_id']}")
+
+
+def _zip_bytes(members: dict[str, bytes]) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+async def test_a_job_runs_on_a_zip_or_a_git_url(make_user: Any, roots: Path) -> None:
+    api: Api = make_user()
+    refused = await api.http.post(
+        "/api/v1/jobs", json={"prompt": "bash ls", "source": {"type": "zip"}}
+    )
+    assert refused.status_code == 422 and "start: false" in refused.text
+    r = await api.http.post(
+        "/api/v1/jobs",
+        json={"prompt": "bash cat dir/a.txt", "source": {"type": "zip"}, "start": False},
+    )
+    job_id = r.json()["id"]
+    assert (await api.http.post(f"/api/v1/jobs/{job_id}/start")).status_code == 409
+    archive = _zip_bytes({"dir/a.txt": b"from the zip\n"})
+    up = await api.http.put(
+        f"/api/v1/jobs/{job_id}/workspace", files={"file": ("w.zip", archive, "application/zip")}
+    )
+    assert up.status_code == 200, up.text
+    assert (await api.http.post(f"/api/v1/jobs/{job_id}/start")).status_code == 202
+    job = await finished(api, job_id)
+    assert job["status"] == "completed" and "from the zip" in job["result"], job
+    assert job["git_status"] == "unpacked 1 files, 13 bytes"
+
+    evil = await api.http.post(
+        "/api/v1/jobs", json={"prompt": "bash ls", "source": {"type": "zip"}, "start": False}
+    )
+    evil_id = evil.json()["id"]
+    bad = _zip_bytes({"../../escape.txt": b"x"})
+    await api.http.put(
+        f"/api/v1/jobs/{evil_id}/workspace", files={"file": ("e.zip", bad, "application/zip")}
+    )
+    await api.http.post(f"/api/v1/jobs/{evil_id}/start")
+    failed = await finished(api, evil_id)
+    assert failed["status"] == "failed" and "leaves the workspace" in failed["error"], failed
+    assert failed["session_id"] is None
+
+    upstream = roots / f"url-{uuid.uuid4().hex[:6]}"
+    make_upstream(upstream, {"hello.txt": "by url\n"})
+    git("checkout", "-q", "-b", "feature", cwd=upstream)
+    (upstream / "hello.txt").write_text("on the feature branch\n")
+    git("commit", "-q", "-am", "feature", cwd=upstream)
+    feature = git("rev-parse", "HEAD", cwd=upstream)
+    r = await api.http.post(
+        "/api/v1/jobs",
+        json={
+            "prompt": "bash cat hello.txt",
+            "source": {"type": "git", "url": f"file://{upstream}", "ref": "feature"},
+        },
+    )
+    job = await finished(api, r.json()["id"])
+    assert job["status"] == "completed" and "on the feature branch" in job["result"], job
+    assert job["git_commit"] == feature
+    outside = await api.http.post(
+        "/api/v1/jobs",
+        json={"prompt": "x", "source": {"type": "git", "url": "file:///etc"}},
+    )
+    assert outside.status_code == 422 and "outside the directories" in outside.text
+
+
+async def test_claude_code_ops_task_shapes_are_accepted_on_api_tasks(make_user: Any) -> None:
+    api: Api = make_user()
+    r = await api.http.post(
+        "/api/tasks",
+        json={
+            "prompt": 'structured {"answer": 7}',
+            "apiKey": "sk-ant-not-used",
+            "mode": "process",
+            "schema": SCHEMA,
+            "timeout": 60000,
+            "permissionMode": "acceptEdits",
+            "mcpServers": {"inline": {}, "profiles": []},
+            "tags": {"project": "demo"},
+        },
+    )
+    assert r.status_code == 201, r.text
+    task = r.json()
+    assert task["status"] == "queued" and task["tags"] == {"project": "demo"}
+    async with asyncio.timeout(90):
+        while task["status"] in ("queued", "running"):
+            await asyncio.sleep(0.2)
+            task = (await api.http.get(f"/api/tasks/{task['id']}")).json()
+    assert task["status"] == "completed", task
+    assert task["result"]["data"] == {"answer": 7} and task["error"] is None
+    assert task["completedAt"] and task["sessionId"]
+    job = (await api.http.get(f"/api/v1/jobs/{task['id']}")).json()
+    assert job["timeout_s"] == 60 and job["options"]["permission_mode"] == "acceptEdits"
+    assert "sk-ant-not-used" not in str(job)
+    done = (await api.http.get("/api/tasks", params={"status": "completed"})).json()
+    assert [t["id"] for t in done] == [task["id"]]
+    assert (await api.http.get("/api/tasks", params={"status": "running"})).json() == []
+
+    r = await api.http.post(
+        "/api/tasks",
+        json={"prompt": "bash echo made > out.txt && cat data.txt", "files": {"type": "zip"}},
+    )
+    zipped = r.json()
+    assert zipped["status"] == "queued"
+    up = await api.http.put(
+        f"/api/tasks/{zipped['id']}/workspace",
+        files={"file": ("w.zip", _zip_bytes({"data.txt": b"zipped data\n"}), "application/zip")},
+    )
+    assert up.status_code == 200, up.text
+    async with asyncio.timeout(90):
+        while zipped["status"] in ("queued", "running"):
+            await asyncio.sleep(0.2)
+            zipped = (await api.http.get(f"/api/tasks/{zipped['id']}")).json()
+    assert zipped["status"] == "completed" and "zipped data" in zipped["result"]["text"], zipped
+    artifacts = (await api.http.get(f"/api/tasks/{zipped['id']}/artifacts")).json()
+    assert {"path": "out.txt", "size": 5} in artifacts, artifacts
+    out = await api.http.get(f"/api/tasks/{zipped['id']}/artifacts/out.txt")
+    assert out.content == b"made\n"
+    bad_tag = await api.http.post("/api/tasks", json={"prompt": "x", "tags": {"a b": "c"}})
+    assert bad_tag.status_code == 422 and "tags" in bad_tag.text
+    r = await api.http.post("/api/tasks", json={"prompt": "slow 60"})
+    cancelled = (await api.http.delete(f"/api/tasks/{r.json()['id']}")).json()
+    assert cancelled["status"] in ("cancelled", "running", "queued")
+    async with asyncio.timeout(60):
+        while cancelled["status"] != "cancelled":
+            await asyncio.sleep(0.2)
+            cancelled = (await api.http.get(f"/api/tasks/{r.json()['id']}")).json()

@@ -119,3 +119,58 @@ def test_an_overlay_workspace_reads_as_the_kernel_shows_it(overlay: PreparedWork
         "shadow/fresh.txt": "added",
         "etc": "added",
     }
+
+
+def _zip(path: Path, members: dict[str, bytes], *, symlink: str | None = None) -> Path:
+    import stat as stat_
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+        if symlink is not None:
+            info = zipfile.ZipInfo(symlink)
+            info.external_attr = (stat_.S_IFLNK | 0o777) << 16
+            zf.writestr(info, "/etc/passwd")
+    return path
+
+
+def test_a_zip_unpacks_into_the_workspace(tmp_path: Path) -> None:
+    from gateway.services.zip_unpack import unpack
+
+    archive = _zip(tmp_path / "ok.zip", {"a.txt": b"a", "dir/b.txt": b"bb", "dir/sub/": b""})
+    target = tmp_path / "ws"
+    target.mkdir()
+    assert unpack(archive, target, max_bytes=100) == (2, 3)
+    assert (target / "dir" / "b.txt").read_bytes() == b"bb" and (target / "dir" / "sub").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("members", "symlink", "says"),
+    [
+        ({"../evil.txt": b"x"}, None, "leaves the workspace"),
+        ({"/etc/cron.d/x": b"x"}, None, "absolute path"),
+        ({"a.txt": b"x"}, "link", "not a regular file"),
+        ({"big.bin": b"0" * 1000}, None, "more than 100 bytes"),
+        ({"a": b"x", "a/b": b"y"}, None, "both a file and a directory"),
+    ],
+)
+def test_a_zip_that_leaves_the_workspace_or_is_too_big_is_refused(
+    tmp_path: Path, members: dict[str, bytes], symlink: str | None, says: str
+) -> None:
+    from gateway.services.zip_unpack import ZipRefused, unpack
+
+    archive = _zip(tmp_path / "bad.zip", members, symlink=symlink)
+    target = tmp_path / "ws"
+    target.mkdir()
+    with pytest.raises(ZipRefused, match=says):
+        unpack(archive, target, max_bytes=100)
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_not_a_zip_is_refused(tmp_path: Path) -> None:
+    from gateway.services.zip_unpack import ZipRefused, unpack
+
+    (tmp_path / "x.zip").write_bytes(b"not a zip")
+    with pytest.raises(ZipRefused, match="not a zip"):
+        unpack(tmp_path / "x.zip", tmp_path, max_bytes=100)
