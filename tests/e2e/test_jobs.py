@@ -481,3 +481,44 @@ async def test_claude_code_ops_task_shapes_are_accepted_on_api_tasks(make_user: 
         while cancelled["status"] != "cancelled":
             await asyncio.sleep(0.2)
             cancelled = (await api.http.get(f"/api/tasks/{r.json()['id']}")).json()
+
+
+def test_the_run_and_jobs_commands(jobs_gateway: GatewayServer, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from gateway.auth import mint_token
+    from gateway.cli import main
+
+    token = mint_token(
+        key=jobs_gateway.app.state.jwt_key, user=f"test-{uuid.uuid4().hex[:8]}", ttl_s=3600
+    )
+    env = {"CCGATE_URL": jobs_gateway.url, "CCGATE_TOKEN": token}
+    runner = CliRunner()
+    (tmp_path / "notes.txt").write_text("cli upload\n")
+    (tmp_path / "schema.json").write_text('{"type": "object", "required": ["k"]}')
+    result = runner.invoke(
+        main,
+        ["run", "-p", "bash cat {{notes.txt}} && echo > made.txt", "--file",
+         str(tmp_path / "notes.txt"), "--tag", "cli", "--wait"],
+        env=env,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "→ Bash" in result.output and "cli upload" in result.output, result.output
+    job_id = result.output.split()[0]
+    structured = runner.invoke(
+        main,
+        ["run", "-p", 'structured {"k": "v"}', "--schema", str(tmp_path / "schema.json"),
+         "--wait"],
+        env=env,
+    )  # fmt: skip
+    assert structured.exit_code == 0 and '"k": "v"' in structured.output, structured.output
+    listed = runner.invoke(main, ["jobs", "ls", "--tag", "cli"], env=env)
+    assert listed.exit_code == 0 and job_id in listed.output and "completed" in listed.output
+    files = runner.invoke(main, ["jobs", "files", job_id], env=env)
+    assert "made.txt" in files.output and ".ccgate" in files.output, files.output
+    got = runner.invoke(main, ["jobs", "get", job_id, ".ccgate/uploads/notes.txt"], env=env)
+    assert got.output == "cli upload\n"
+    assert "completed" in runner.invoke(main, ["jobs", "show", job_id], env=env).output
+    assert runner.invoke(main, ["jobs", "rm", job_id], env=env).exit_code == 0
+    gone = runner.invoke(main, ["jobs", "show", job_id], env=env)
+    assert gone.exit_code == 1 and "error 404" in gone.output

@@ -174,3 +174,18 @@ def test_not_a_zip_is_refused(tmp_path: Path) -> None:
     (tmp_path / "x.zip").write_bytes(b"not a zip")
     with pytest.raises(ZipRefused, match="not a zip"):
         unpack(tmp_path / "x.zip", tmp_path, max_bytes=100)
+
+
+@pytest.mark.parametrize(
+    ("spec", "url", "ref"),
+    [
+        ("https://h/org/r.git@v1.2", "https://h/org/r.git", "v1.2"),
+        ("git@github.com:org/r.git", "git@github.com:org/r.git", None),
+        ("git@github.com:org/r.git@main", "git@github.com:org/r.git", "main"),
+        ("file:///srv/repo", "file:///srv/repo", None),
+    ],
+)
+def test_run_splits_a_git_url_from_its_ref(spec: str, url: str, ref: str | None) -> None:
+    from gateway.cli_jobs import split_ref
+
+    assert split_ref(spec) == (url, ref)
