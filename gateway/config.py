@@ -26,9 +26,6 @@ from gateway.batch_config import BatchSettings
 from gateway.services.admission import Limits
 from gateway.services.metering.prices import ModelPrice
 
-JWT_ALGORITHM = "HS256"
-"""The only algorithm tokens may use; pinned on decode (``alg: none`` and RS/HS confusion fail)."""
-
 
 class Environment(StrEnum):
     """Deployment mode."""

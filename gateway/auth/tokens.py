@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from jose import JWTError, jwt
 
-from gateway.config import JWT_ALGORITHM
+JWT_ALGORITHM = "HS256"
+"""The only algorithm tokens may use; pinned on decode (``alg: none`` and RS/HS confusion fail)."""
 
 SESSION_CLAIM = "ccgate_session"
 
