@@ -36,6 +36,10 @@ class BatchSettings(BaseSettings):
     repo_concurrency: int = Field(default=2, ge=1, le=32)
     """Clones and pulls running at once on one replica; more wait their turn."""
 
+    code_index_max_bytes: int = Field(default=512 * 1024**2, ge=0)
+    """Text indexed per clone generation for the built-in code-search MCP profile (0: no
+    index at clone time; the server then builds one per job)."""
+
     jobs_dir: Path | None = None
     """Job workspaces and uploads (default ``data_dir/jobs``); same host-path rule as
     ``repos_dir``, and on the same filesystem as it for overlay workspaces."""

@@ -6,7 +6,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.db.models import Job, JobStatus, as_utc
 from gateway.schemas import PermissionMode, SessionConfig, check_json_schema
@@ -85,6 +92,18 @@ class JobCreate(_Strict):
         if schema is not None:
             check_json_schema(schema)
         return schema
+
+    @model_validator(mode="after")
+    def _runs_as_a_session(self) -> JobCreate:
+        # The options are a session's config: the same rules (tool rules, MCP servers…), so
+        # that a job is refused here (422) rather than when it runs.
+        try:
+            self.session_config()
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"{where}: {first['msg']}") from None
+        return self
 
     def session_config(self) -> SessionConfig:
         """The session config the job's session runs with (validated like a session's)."""

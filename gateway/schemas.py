@@ -117,12 +117,14 @@ JSON_SCHEMA_MAX_BYTES = 64 * 1024
 def check_json_schema(schema: dict[str, Any]) -> None:
     """Raise ValueError unless ``schema`` is a JSON Schema (draft 2020-12 meta-schema) of at
     most :data:`JSON_SCHEMA_MAX_BYTES` serialised."""
-    if len(json.dumps(schema)) > JSON_SCHEMA_MAX_BYTES:
-        raise ValueError(f"json_schema is larger than {JSON_SCHEMA_MAX_BYTES} bytes")
     try:
+        if len(json.dumps(schema)) > JSON_SCHEMA_MAX_BYTES:
+            raise ValueError(f"json_schema is larger than {JSON_SCHEMA_MAX_BYTES} bytes")
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
         raise ValueError(f"json_schema is not a valid JSON Schema: {exc.message}") from exc
+    except RecursionError:
+        raise ValueError("json_schema is nested too deeply") from None
 
 
 class SessionConfig(_Strict):

@@ -188,6 +188,16 @@ def script_reply(body: dict[str, Any]) -> Reply:
         return Reply([Block("text", text="Multi done.")])
     if word == "spawn" and rest:
         return _spawn_reply(rest, step, last_results)
+    if word == "tool" and rest:
+        # Any tool by name (an MCP server's: mcp__<server>__<tool>) with a JSON input.
+        name, _, raw = rest.partition(" ")
+        if step == 0:
+            try:
+                payload = json.loads(raw) if raw else {}
+            except ValueError:
+                payload = {}
+            return Reply([Block("tool_use", name=name, input=payload)])
+        return Reply([Block("text", text="Output: " + " ".join(last_results).strip())])
     if word == "structured" and rest:
         # --json-schema: the CLI offers a StructuredOutput tool taking the schema's object.
         if step == 0:

@@ -11,12 +11,14 @@ container of the session image that lists it (what the job's container start doe
   copy      cp -a --reflink=auto into the job's directory, bound into a volume (a reflink
             clone on XFS/Btrfs, a full copy here on ext4), page cache warm
   copy-cold the same after dropping the page cache (``--cold``; needs root)
+  reflink   ``--xfs``: the same copy on a loop-mounted XFS filesystem made with reflink=1
+            (needs root and mkfs.xfs, from xfsprogs), where cp --reflink=auto clones extents
 
 Prints p50/p95/p99 in ms and the ratio to the baseline. The directories are made under
 ``--dir`` (default a temporary directory in /var/tmp: on the same filesystem for both layers).
 
 Usage: .venv/bin/python scripts/bench_workspaces.py [--files 50000] [--mib 1024]
-       [--runs 10] [--copy-runs 3] [--cold] [--with-git]
+       [--runs 10] [--copy-runs 3] [--cold] [--xfs] [--with-git]
 """
 
 from __future__ import annotations
@@ -87,6 +89,23 @@ def prepare_repository(clone: Path, files: int, mib: int, with_git: bool) -> tup
     return total, int(du.stdout.split()[0])
 
 
+def mount_xfs(base: Path, size_gib: int) -> Path:
+    """A sparse image file formatted XFS (reflink=1), loop-mounted at ``base/xfs``."""
+    image, mount = base / "xfs.img", base / "xfs"
+    mount.mkdir()
+    subprocess.run(["truncate", "-s", f"{size_gib}G", str(image)], check=True)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    return mount
+
+
+def clean_up(base: Path) -> None:
+    """Unmount the XFS image if mounted and remove everything the benchmark made."""
+    if (base / "xfs").is_mount():
+        subprocess.run(["umount", str(base / "xfs")], check=False)
+    shutil.rmtree(base, ignore_errors=True)
+
+
 def drop_caches() -> None:
     """Write back and drop the page cache (root only)."""
     os.sync()
@@ -128,6 +147,7 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--copy-runs", type=int, default=3)
     parser.add_argument("--cold", action="store_true", help="also copy with a cold page cache")
+    parser.add_argument("--xfs", action="store_true", help="also on XFS with reflinks")
     parser.add_argument("--with-git", action="store_true")
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args()
@@ -164,12 +184,28 @@ async def main() -> None:
         results.append(("copy", await measure(copy, runtime, clone, args.copy_runs)))
         if args.cold:
             results.append(("copy-cold", await measure(copy, runtime, clone, args.copy_runs, True)))
+        if args.xfs:
+            xfs = await asyncio.to_thread(mount_xfs, base, max(4, args.mib * 3 // 1024 + 2))
+            xfs_clone = xfs / "repositories" / "r" / "g1"
+            xfs_clone.mkdir(parents=True)
+            await asyncio.to_thread(prepare_repository, xfs_clone, args.files, args.mib, False)
+            reflink = JobWorkspaces(
+                Settings(
+                    data_dir=xfs,
+                    repos_dir=xfs / "repositories",
+                    jobs_dir=xfs / "jobs",
+                    job_workspace_mode=WorkspaceMode.COPY,
+                    image=IMAGE,
+                ),
+                runtime,
+            )
+            results.append(("reflink", await measure(reflink, runtime, xfs_clone, args.runs)))
         print(f"{'mode':<12} {'runs':>4} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9}   vs baseline")
         for name, values in results:
             print(row(name, values, baseline))
     finally:
         await runtime.close()
-        shutil.rmtree(base, ignore_errors=True)
+        await asyncio.to_thread(clean_up, base)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The API map: one router per resource, all under /api/v1 (health also at /health)."""
+"""The API map: one router per resource, all under /api/v1 (health also at /health;
+claude-code-ops' ``/api/tasks`` is included by the app beside it)."""
 
 from fastapi import APIRouter
 

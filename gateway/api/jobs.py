@@ -170,7 +170,19 @@ async def workspace_changes(
     )
 
 
-@router.get("/{job_id}/files/{path:path}", response_model=None)
+@router.get(
+    "/{job_id}/files/{path:path}",
+    response_model=None,
+    responses={
+        200: {
+            "description": "the file's bytes, or with ?format=text its text as JSON",
+            "content": {
+                "application/octet-stream": {},
+                "application/json": {"schema": FileContent.model_json_schema()},
+            },
+        }
+    },
+)
 async def read_workspace_file(
     job_id: str,
     path: str,

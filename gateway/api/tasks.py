@@ -10,9 +10,10 @@ from fastapi.responses import FileResponse
 
 from gateway.api.jobs import Jobs
 from gateway.deps import DbDep, UserToken
+from gateway.schemas import API_ERRORS
 from gateway.task_schemas import TaskArtifact, TaskCreate, TaskPublic, TaskStatus, job_statuses
 
-router = APIRouter(prefix="/api/tasks", tags=["tasks (claude-code-ops)"])
+router = APIRouter(prefix="/api/tasks", tags=["tasks (claude-code-ops)"], responses=API_ERRORS)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
@@ -73,7 +74,13 @@ async def list_artifacts(
     return [TaskArtifact(path=c.path, size=c.size) for c in changes if c.change != "deleted"]
 
 
-@router.get("/{task_id}/artifacts/{path:path}", response_model=None)
+@router.get(
+    "/{task_id}/artifacts/{path:path}",
+    response_model=None,
+    responses={
+        200: {"description": "the file's bytes", "content": {"application/octet-stream": {}}}
+    },
+)
 async def download_artifact(
     task_id: str, path: str, user: UserToken, db: DbDep, jobs: Jobs
 ) -> FileResponse:

@@ -222,6 +222,12 @@ class JobQueue:
             values = final.values
         except GatewayError as exc:
             values = {"status": JobStatus.FAILED, "error": str(exc)}
+        except (SQLAlchemyError, ConnectionError) as exc:
+            logger.warning("jobs: job %s lost its database: %s", job_id, exc)
+            values = {
+                "status": JobStatus.FAILED,
+                "error": f"the database was unavailable while the job ran: {exc}"[:2000],
+            }
         except Exception:
             error_id = uuid.uuid4().hex[:12]
             logger.exception("jobs: job %s failed (error id %s)", job_id, error_id)

@@ -31,6 +31,7 @@ from gateway.services.fair_queue import fair_order
 from gateway.services.git import UrlPolicy, check_url
 from gateway.services.job_queue import load_queue
 from gateway.services.job_workspace import JobWorkspaces, PreparedWorkspace
+from gateway.services.mcp_profiles import BUILTIN_PROFILES
 from gateway.services.repositories import RepositoryService
 from gateway.services.sessions import SessionService
 
@@ -112,7 +113,7 @@ class JobService:
                     )
                 ).all()
             )
-            missing = [n for n in body.mcp_profiles if n not in found]
+            missing = [n for n in body.mcp_profiles if n not in found | BUILTIN_PROFILES.keys()]
             if missing:
                 raise InvalidRequest(f"you have no MCP profile named {missing[0]!r}")
         if body.start:

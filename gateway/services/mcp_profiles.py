@@ -189,6 +189,19 @@ class McpProfiles:
         return servers
 
 
+BUILTIN_PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "code-search": {
+        "code-search": {
+            "command": "python3",
+            "args": ["-m", "wrapper.code_search", "/workspace"],
+            "env": {"PYTHONPATH": "/opt/ccgate/app"},
+        }
+    },
+}
+"""Profiles every user has without making them (a user's own profile of the same name wins):
+``code-search`` — the workspace's code index and a live grep (wrapper/code_search.py)."""
+
+
 async def attach(
     db: AsyncSession,
     profiles: McpProfiles,
@@ -197,16 +210,19 @@ async def attach(
     names: list[str],
     own_servers: dict[str, Any],
 ) -> dict[str, dict[str, Any]]:
-    """The servers of the owner's profiles ``names`` (secrets included), for a session whose
-    config also has ``own_servers``. Raises InvalidRequest for an unknown profile or a server
-    name given twice."""
+    """The servers of the owner's profiles ``names`` (secrets included; a built-in profile when
+    the owner has none of that name), for a session whose config also has ``own_servers``.
+    Raises InvalidRequest for an unknown profile or a server name given twice."""
     servers: dict[str, dict[str, Any]] = {}
     for name in names:
         try:
             profile = await profiles.get(db, owner=owner, name=name)
+            resolved = profiles.resolve(profile)
         except NotFound as exc:
-            raise InvalidRequest(f"config.mcp_profiles: no MCP profile named {name!r}") from exc
-        for server, config in profiles.resolve(profile).items():
+            if name not in BUILTIN_PROFILES:
+                raise InvalidRequest(f"config.mcp_profiles: no MCP profile named {name!r}") from exc
+            resolved = BUILTIN_PROFILES[name]
+        for server, config in resolved.items():
             if server in servers or server in own_servers:
                 raise InvalidRequest(
                     f"config.mcp_profiles: MCP server {server!r} is defined twice "

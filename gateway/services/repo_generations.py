@@ -4,12 +4,17 @@ cheaply from the current one, and removing a repository's directory."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
+import sqlite3
 import subprocess
 from pathlib import Path
 
 from gateway.services.git import GitFailed
+from wrapper.code_index import INDEX_IN_GIT_DIR, build_index
+
+logger = logging.getLogger(__name__)
 
 
 def snapshot(source: Path, target: Path) -> None:
@@ -28,6 +33,9 @@ def snapshot(source: Path, target: Path) -> None:
             dirs.remove("objects")
         for name in files:
             path = Path(root) / name
+            if name == INDEX_IN_GIT_DIR and Path(root) == git_dir:
+                path.unlink()  # the code index is rebuilt for the new commit
+                continue
             if path.is_symlink() or not path.is_file():
                 continue
             copy = path.with_name(f".{name}.ccgate-copy")
@@ -43,3 +51,22 @@ def remove_root(root: Path, *, everything: bool) -> None:
         return
     with contextlib.suppress(OSError):
         root.rmdir()
+
+
+def index_generation(directory: Path, commit: str | None, max_bytes: int) -> None:
+    """Build the generation's code index (``.git/ccgate-index.sqlite``, wrapper/code_index.py)
+    for the built-in code-search profile; a failure is logged, not raised (the code-search
+    server then builds one per job)."""
+    if not (directory / ".git").is_dir():
+        return
+    try:
+        stats = build_index(
+            directory,
+            directory / ".git" / INDEX_IN_GIT_DIR,
+            commit=commit,
+            max_total_bytes=max_bytes,
+        )
+    except (OSError, sqlite3.Error) as exc:
+        logger.warning("code index of %s not built: %s", directory, exc)
+        return
+    logger.info("code index of %s: %d files, %d bytes", directory, stats.files, stats.bytes)

@@ -243,6 +243,7 @@ class RepositoryWork:
                 staging,
             )
             meta = await head_metadata(staging, self._policy)
+            await self._index(staging, meta)
             await own_by_session_user(staging)
             await asyncio.to_thread(staging.rename, target)
         except GitFailed as exc:
@@ -306,6 +307,7 @@ class RepositoryWork:
                 cwd=staging,
             )
             meta = await head_metadata(staging, self._policy)
+            await self._index(staging, meta)
             await own_by_session_user(staging)
             await asyncio.to_thread(shutil.rmtree, target, ignore_errors=True)
             await asyncio.to_thread(staging.rename, target)
@@ -328,6 +330,17 @@ class RepositoryWork:
         )
         await self.collect(repo.id)
         return True
+
+    async def _index(self, directory: Path, meta: dict[str, object]) -> None:
+        """The generation's code index, when the deployment builds them."""
+        if self._settings.code_index_max_bytes > 0:
+            commit = meta.get("head_commit")
+            await asyncio.to_thread(
+                generations.index_generation,
+                directory,
+                str(commit) if commit else None,
+                self._settings.code_index_max_bytes,
+            )
 
     async def _bounded(self, command: Coroutine[Any, Any, str], directory: Path) -> None:
         """Run a git coroutine while watching ``directory``'s size; over the limit it is

@@ -15,6 +15,9 @@ from typing import Any
 import docker
 import pytest
 
+from gateway.db.engine import make_db_factory, make_engine
+from gateway.db.models import Job, JobStatus, utcnow
+from gateway.services import job_queue
 from scripted_model import ScriptedModelServer
 from tests.conftest import Api, full_stack_settings
 from tests.containers import PostgresContainer, RedisContainer, S3Container
@@ -45,7 +48,11 @@ def jobs_gateway(
     scripted_model: ScriptedModelServer,
     docker_client: docker.DockerClient,
 ) -> Iterator[GatewayServer]:
-    """A gateway of its own (its own database) running at most 3 jobs, 2 per user."""
+    """A gateway of its own (its own database) running at most 3 jobs, 2 per user; a runner
+    silent for 5 s is taken over (heartbeats every second)."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(job_queue, "STALE_S", 5.0)
+    patch.setattr(job_queue, "HEARTBEAT_S", 1.0)
     settings = full_stack_settings(
         Path(tmp_path_factory.mktemp("gw-jobs")),
         redis_server,
@@ -61,6 +68,7 @@ def jobs_gateway(
     gateway = GatewayServer(settings).start()
     yield gateway
     gateway.stop()
+    patch.undo()
     for volume in docker_client.volumes.list(filters={"label": "ccgate.job"}):
         if volume.attrs.get("Labels", {}).get("ccgate.deployment") == settings.deployment_id:
             volume.remove(force=True)
@@ -294,6 +302,13 @@ async def test_the_queue_holds_its_limits_is_fair_and_shows_positions(
         for j in (await api.http.get("/api/v1/jobs", params={"status": "queued"})).json()["jobs"]
     ]
     assert positions and len(set(positions)) == len(positions), positions
+    # Per-user isolation: another user's job does not exist for bob.
+    alices = next(i for i, who in ids.items() if who == "alice")
+    for path in ("", "/files", "/changes", "/cancel"):
+        method = "POST" if path == "/cancel" else "GET"
+        seen = await bob.http.request(method, f"/api/v1/jobs/{alices}{path}")
+        assert seen.status_code == 404, (path, seen.text)
+    assert (await bob.http.delete(f"/api/v1/jobs/{alices}")).status_code == 404
     async with asyncio.timeout(240):
         while True:
             jobs = [
@@ -522,3 +537,99 @@ def test_the_run_and_jobs_commands(jobs_gateway: GatewayServer, tmp_path: Path) 
     assert runner.invoke(main, ["jobs", "rm", job_id], env=env).exit_code == 0
     gone = runner.invoke(main, ["jobs", "show", job_id], env=env)
     assert gone.exit_code == 1 and "error 404" in gone.output
+
+
+async def test_a_replica_stopping_mid_job_leaves_it_to_another_that_finishes_it(
+    jobs_gateway: GatewayServer,
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: RedisContainer,
+    postgres_server: PostgresContainer,
+    s3_server: S3Container,
+    scripted_model: ScriptedModelServer,
+) -> None:
+    """Replica A runs a job and stops while its turn runs; replica B (same database) takes the
+    job over once A's heartbeat is 5 s old, waits for the turn and records the result. A job
+    row left before its session by a vanished replica is prepared and run again by B."""
+
+    def replica(name: str, database_url: str, port: int | None = None) -> GatewayServer:
+        settings = full_stack_settings(
+            Path(tmp_path_factory.mktemp(name)), redis_server, postgres_server, s3_server,
+            scripted_model, database_url=database_url, deployment="jobs-takeover",
+        )  # fmt: skip
+        return GatewayServer(settings, port=port).start()
+
+    database_url = postgres_server.new_database()
+    first = replica("gw-a", database_url)
+    api = Api(first, f"test-{uuid.uuid4().hex[:8]}")
+    second: GatewayServer | None = None
+    try:
+        r = await api.http.post("/api/v1/jobs", json={"prompt": "slow 6"})
+        job_id = r.json()["id"]
+        async with asyncio.timeout(60):
+            while True:
+                job = (await api.http.get(f"/api/v1/jobs/{job_id}")).json()
+                if job["session_id"]:
+                    break
+                await asyncio.sleep(0.1)
+        await api.http.aclose()
+        first.stop()  # its runner is cancelled; the job's session keeps running
+        # B replaces A at its address (where the job's container calls the model proxy).
+        second = replica("gw-b", database_url, port=first.port)
+        api = Api(second, api.user)
+        engine = make_engine(second.settings.db_url)
+        try:
+            orphan = str(uuid.uuid4())
+            async with make_db_factory(engine)() as db:
+                db.add(Job(id=orphan, owner=api.user, status=JobStatus.RUNNING,
+                           prompt="taken over", source={"type": "empty"}, options={},
+                           timeout_s=120, worker="gw-gone", heartbeat_at=None,
+                           started_at=utcnow(), queued_at=utcnow()))  # fmt: skip
+                await db.commit()
+            done = await finished(api, job_id, timeout_s=90)
+            assert done["status"] == "completed" and done["session_id"] == job["session_id"], done
+            again = await finished(api, orphan, timeout_s=90)
+            assert again["status"] == "completed" and again["result"] == "Echo: taken over"
+        finally:
+            await engine.dispose()
+    finally:
+        await api.http.aclose()
+        if second is not None:
+            second.stop()
+
+
+async def test_the_code_search_profile_gives_the_agent_an_index_of_the_repository(
+    make_user: Any, roots: Path, jobs_gateway: GatewayServer
+) -> None:
+    api: Api = make_user()
+    upstream = roots / f"search-{uuid.uuid4().hex[:6]}"
+    head = make_upstream(
+        upstream,
+        {"app.py": "def needle_function():\n    return 1\n", "other.py": "x = 2\n"},
+    )
+    repo = await registered(api, "searchable", upstream)
+    generation = jobs_gateway.settings.repos_path / repo["id"] / "g1"
+    assert (generation / ".git" / "ccgate-index.sqlite").is_file()  # built once per commit
+    source = {"type": "repository", "repository": "searchable"}
+    r = await api.http.post(
+        "/api/v1/jobs",
+        json={
+            "prompt": 'tool mcp__code-search__search_code {"query": "needle_function"}',
+            "source": source,
+            "mcp_profiles": ["code-search"],
+        },
+    )
+    assert r.status_code == 201, r.text
+    job = await finished(api, r.json()["id"])
+    assert job["status"] == "completed", job
+    assert "app.py" in job["result"] and "1: def needle_function():" in job["result"], job
+    assert "other.py" not in job["result"]
+    r = await api.http.post(
+        "/api/v1/jobs",
+        json={
+            "prompt": "tool mcp__code-search__index_status {}",
+            "source": source,
+            "mcp_profiles": ["code-search"],
+        },
+    )
+    status = await finished(api, r.json()["id"])
+    assert f'"commit": "{head}"' in status["result"], status
