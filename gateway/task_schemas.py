@@ -79,20 +79,20 @@ class TaskCreate(BaseModel):
     def as_job(self) -> JobCreate:
         """The job this task is. Raises InvalidRequest (422) for what a job refuses (a tag
         that is not ``key:value`` of letters, digits, ``_.-``; a bad schema)."""
+        try:
+            return self._job()
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise InvalidRequest(f"{where}: {first['msg']}") from exc
+
+    def _job(self) -> JobCreate:
         source: JobSource = EmptySource()
         if self.files is not None and self.files.type == "git":
             source = GitSource(type="git", url=self.files.gitUrl or "", ref=self.files.gitRef)
         elif self.files is not None:
             source = ZipSource(type="zip")
         servers = self.mcpServers or TaskMcpServers()
-        try:
-            return self._job(source, servers)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise InvalidRequest(f"{where}: {first['msg']}") from exc
-
-    def _job(self, source: JobSource, servers: TaskMcpServers) -> JobCreate:
         return JobCreate.model_validate(
             {
                 "prompt": self.prompt,

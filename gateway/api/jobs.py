@@ -62,7 +62,7 @@ async def list_jobs(
     tag: Annotated[str | None, Query(max_length=64)] = None,
     repository: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> JobList:
     """Your jobs, newest first; filter by status, a tag, a repository name."""
     rows, total = await jobs.list_jobs(

@@ -41,7 +41,7 @@ async def list_profiles(
     db: DbDep,
     profiles: Profiles,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> McpProfileList:
     """Your profiles by name (secret values never shown)."""
     rows, total = await profiles.list(db, owner=user.user, limit=limit, offset=offset)

@@ -49,7 +49,7 @@ async def list_repositories(
     db: DbDep,
     repos: Repos,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> RepositoryList:
     """Your repositories by name."""
     rows, total = await repos.list(db, owner=user.user, limit=limit, offset=offset)

@@ -30,7 +30,7 @@ async def list_tasks(
     jobs: Jobs,
     status_: Annotated[TaskStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> list[TaskPublic]:
     """Your tasks, newest first (optionally of one status)."""
     rows, _ = await jobs.list_jobs(

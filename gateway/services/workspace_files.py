@@ -50,6 +50,8 @@ def clean_path(path: str) -> list[str]:
     for part in parts:
         if part == ".." or "\x00" in part:
             raise InvalidRequest(f"path {path!r} is not inside the workspace")
+        if len(part.encode()) > 255:
+            raise InvalidRequest("a path part is longer than 255 bytes")
     if len(parts) > 64 or len(path) > 4096:
         raise InvalidRequest("path is too long")
     return parts
@@ -95,7 +97,7 @@ def _resolve(ws: PreparedWorkspace, parts: list[str]) -> list[Path]:
             current = current / part
             try:
                 st = os.lstat(current)
-            except (FileNotFoundError, NotADirectoryError):
+            except OSError:  # missing, not a directory, a name the filesystem refuses
                 present = False
                 break
             if _is_whiteout(st):
