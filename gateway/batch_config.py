@@ -56,6 +56,9 @@ class BatchSettings(BaseSettings):
     up to ``job_max_timeout_s``)."""
     job_max_timeout_s: int = Field(default=4 * 3600, ge=1)
     """The longest ``timeout_s`` a job may ask for."""
+    job_workspace_retention_s: int = Field(default=7 * 86400, ge=0)
+    """A finished job's workspace (and uploads) is removed this long after it finished; the
+    job and its result stay (0: kept until the job is deleted)."""
     job_max_file_bytes: int = Field(default=50 * 1024**2, ge=1)
     """Largest uploaded file."""
     job_max_files: int = Field(default=50, ge=1)

@@ -147,6 +147,9 @@ class JobPublic(BaseModel):
     timeout_s: int
     session_id: str | None = Field(description="its events: /sessions/{session_id}/stream")
     workspace_mode: str | None = Field(description="overlay, copy or empty")
+    workspace_expired_at: datetime | None = Field(
+        description="when its workspace was removed (retention); files are then 409"
+    )
     git_commit: str | None
     git_status: str | None
     result: str | None
@@ -177,6 +180,7 @@ class JobPublic(BaseModel):
             timeout_s=job.timeout_s,
             session_id=job.session_id,
             workspace_mode=(job.workspace or {}).get("mode"),
+            workspace_expired_at=as_utc(job.workspace_expired_at),
             git_commit=job.git_commit,
             git_status=job.git_status,
             result=job.result,

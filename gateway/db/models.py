@@ -439,6 +439,8 @@ class Job(SQLModel, table=True):
     workspace: dict[str, Any] | None = Field(
         default=None, sa_column=Column(JSON(none_as_null=True))
     )
+    workspace_expired_at: datetime | None = _ts(nullable=True)
+    """When the finished job's workspace was removed (CCGATE_JOB_WORKSPACE_RETENTION_S)."""
     git_commit: str | None = Field(default=None, max_length=64)
     """The commit the job's workspace was made from."""
     git_status: str | None = Field(default=None, sa_column=Column(Text, nullable=True))

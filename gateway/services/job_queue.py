@@ -59,6 +59,8 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_S = 10.0
 STALE_S = 45.0
 DISPATCH_INTERVAL_S = 2.0
+RETENTION_SWEEP_S = 60.0
+EXPIRE_BATCH = 100
 CHECK_S = 2.0
 """How often a running job looks for a cancel and its deadline."""
 _LOCK_KEY = zlib.crc32(b"ccgate-jobs")
@@ -125,14 +127,18 @@ class JobQueue:
         self._wake.set()
 
     async def run(self) -> None:
-        """Supervised loop: dispatch, and take over jobs whose replica went silent."""
+        """Supervised loop: dispatch, take over jobs whose replica went silent, and remove the
+        workspaces of jobs finished longer ago than the retention."""
         loop = asyncio.get_running_loop()
-        recovered_at = 0.0
+        recovered_at = swept_at = 0.0
         while True:
             try:
                 if loop.time() - recovered_at >= STALE_S / 3:
                     recovered_at = loop.time()
                     await self._recover()
+                if loop.time() - swept_at >= RETENTION_SWEEP_S:
+                    swept_at = loop.time()
+                    await self._expire_workspaces()
                 await self._dispatch()
             except (SQLAlchemyError, ConnectionError, OSError) as exc:
                 logger.warning("jobs: dispatch skipped (database): %s", exc)
@@ -206,6 +212,42 @@ class JobQueue:
                 if taken.rowcount == 1:
                     logger.info("jobs: taking over job %s from a silent replica", job_id)
                     self._start(job_id)
+
+    async def _expire_workspaces(self) -> None:
+        """Remove the workspace (volume, directory, uploads) of finished jobs older than
+        ``CCGATE_JOB_WORKSPACE_RETENTION_S``, a batch at a time; the job and its result stay.
+        A workspace the engine cannot remove now is retried at the next sweep."""
+        retention = self._settings.job_workspace_retention_s
+        if not retention:
+            return
+        cutoff = utcnow() - timedelta(seconds=retention)
+        async with self._db_factory() as db:
+            rows = await db.exec(
+                select(Job)
+                .where(
+                    col(Job.status).in_([s for s in JobStatus if s.final]),
+                    col(Job.finished_at) < cutoff,
+                    col(Job.workspace_expired_at).is_(None),
+                )
+                .limit(EXPIRE_BATCH)
+            )
+            expired = list(rows.all())
+        for job in expired:
+            ws = PreparedWorkspace.from_json(job.workspace) if job.workspace else None
+            try:
+                await self._workspaces.remove(job.id, ws)
+            except GatewayError as exc:
+                logger.warning("jobs: workspace of %s not removed yet: %s", job.id, exc)
+                continue
+            await self._set(job.id, workspace=None, workspace_expired_at=utcnow())
+            if job.repository_id is not None:
+                await self._repositories.collect(job.repository_id)
+            logger.info("jobs: workspace of %s removed (retention)", job.id)
+
+    async def _set(self, job_id: str, **values: Any) -> None:
+        async with self._db_factory() as db:
+            await db.exec(update(Job).where(col(Job.id) == job_id).values(**values))
+            await db.commit()
 
     def _start(self, job_id: str) -> None:
         if job_id in self._tasks:

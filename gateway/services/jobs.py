@@ -346,6 +346,12 @@ class JobService:
 
     async def _workspace(self, db: AsyncSession, owner: str, job_id: str) -> PreparedWorkspace:
         job = await self.get(db, owner=owner, job_id=job_id)
+        if job.workspace_expired_at is not None:
+            when = f"{job.workspace_expired_at:%Y-%m-%d %H:%M} UTC"
+            raise Conflict(
+                f"the workspace of job {job_id} was removed {when}, after "
+                "CCGATE_JOB_WORKSPACE_RETENTION_S; its result is kept"
+            )
         if not job.workspace:
             raise Conflict(f"job {job_id} has no workspace yet ({job.status.value})")
         return PreparedWorkspace.from_json(job.workspace)

@@ -9,6 +9,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ def jobs_gateway(
     patch = pytest.MonkeyPatch()
     patch.setattr(job_queue, "STALE_S", 5.0)
     patch.setattr(job_queue, "HEARTBEAT_S", 1.0)
+    patch.setattr(job_queue, "RETENTION_SWEEP_S", 1.0)
     settings = full_stack_settings(
         Path(tmp_path_factory.mktemp("gw-jobs")),
         redis_server,
@@ -633,3 +635,36 @@ async def test_the_code_search_profile_gives_the_agent_an_index_of_the_repositor
     )
     status = await finished(api, r.json()["id"])
     assert f'"commit": "{head}"' in status["result"], status
+
+
+async def test_a_finished_jobs_workspace_is_removed_after_the_retention(
+    make_user: Any, jobs_gateway: GatewayServer, docker_client: docker.DockerClient
+) -> None:
+    api: Api = make_user()
+    r = await api.http.post("/api/v1/jobs", json={"prompt": "write kept.txt data"})
+    job = await finished(api, r.json()["id"])
+    assert job["status"] == "completed" and job["workspace_expired_at"] is None
+    assert (await api.http.get(f"/api/v1/jobs/{job['id']}/files/kept.txt")).status_code == 200
+    engine = make_engine(jobs_gateway.settings.db_url)
+    try:
+        async with make_db_factory(engine)() as db:
+            row = await db.get(Job, job["id"])
+            assert row is not None
+            row.finished_at = utcnow() - timedelta(days=8)  # past the 7-day default
+            db.add(row)
+            await db.commit()
+    finally:
+        await engine.dispose()
+    async with asyncio.timeout(30):
+        while True:
+            expired = (await api.http.get(f"/api/v1/jobs/{job['id']}")).json()
+            if expired["workspace_expired_at"] is not None:
+                break
+            await asyncio.sleep(0.2)
+    assert expired["status"] == "completed" and expired["result"] == job["result"]
+    gone = await api.http.get(f"/api/v1/jobs/{job['id']}/files/kept.txt")
+    assert gone.status_code == 409 and "RETENTION" in gone.text, gone.text
+    assert not (jobs_gateway.settings.jobs_path / job["id"]).exists()
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.volumes.get(f"ccgate-job-{job['id']}")
+    assert (await api.http.delete(f"/api/v1/jobs/{job['id']}")).status_code == 204

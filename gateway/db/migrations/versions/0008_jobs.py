@@ -49,6 +49,7 @@ def upgrade() -> None:
         sa.Column("session_id", sa.String(length=36), nullable=True),
         sa.Column("turn_id", sa.String(length=36), nullable=True),
         sa.Column("workspace", sa.JSON(), nullable=True),
+        sa.Column("workspace_expired_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("git_commit", sa.String(length=64), nullable=True),
         sa.Column("git_status", sa.Text(), nullable=True),
         sa.Column("result", sa.Text(), nullable=True),
