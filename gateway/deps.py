@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.auth import InvalidToken, Principal, decode_token
 from gateway.db.models import Session
 from gateway.errors import DependencyUnavailable, Forbidden, Unauthorized
 from gateway.services.sessions import SessionService
+
+logger = logging.getLogger(__name__)
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -24,12 +28,19 @@ async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
     rolls back at the end), so holding the handle costs nothing. Routes that wait (streams,
     /wait) do not take one at all. The driver's own connection failures (asyncpg raises
     ConnectionRefusedError, not a SQLAlchemy error) become DependencyUnavailable("database").
+    Closing runs after the response may have started: a connection the database dropped
+    meanwhile (its ROLLBACK fails) is logged and discarded, never raised into a sent response.
     """
-    async with request.app.state.db_factory() as db:
+    db: AsyncSession = request.app.state.db_factory()
+    try:
+        yield db
+    except (ConnectionError, TimeoutError) as exc:
+        raise DependencyUnavailable("database", str(exc) or type(exc).__name__) from exc
+    finally:
         try:
-            yield db
-        except (ConnectionError, TimeoutError) as exc:
-            raise DependencyUnavailable("database", str(exc) or type(exc).__name__) from exc
+            await db.close()
+        except (SQLAlchemyError, ConnectionError, OSError) as exc:
+            logger.warning("database handle closed on a lost connection: %s", exc)
 
 
 async def _authorize(

@@ -115,6 +115,8 @@ class PostgresServer:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     datadir: str = ""
+    _argv: list[str] = field(default_factory=list)
+    _user: str | None = None
 
     @property
     def url(self) -> str:
@@ -144,18 +146,32 @@ class PostgresServer:
             stdout=subprocess.DEVNULL,
             user=user,
         )
+        self._argv = [
+            postgres, "-D", self.datadir, "-p", str(self.port), "-k", root,
+            "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200",
+        ]  # fmt: skip
+        self._user = user
+        self._run()
+        return self
+
+    def _run(self) -> None:
         self.proc = subprocess.Popen(
-            [
-                postgres, "-D", self.datadir, "-p", str(self.port), "-k", root,
-                "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            user=user,
-        )  # fmt: skip
+            self._argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, user=self._user
+        )
         wait_until(lambda: _port_open(self.port), timeout_s=30, what="postgres")
         time.sleep(0.3)
-        return self
+
+    def halt(self) -> None:
+        """Stop the server (clients are disconnected) and keep its cluster: a database outage
+        that :meth:`resume` ends, on the same port with the same data."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def resume(self) -> None:
+        """Start the halted server again."""
+        self._run()
 
     def stop(self) -> None:
         """Stop (fast shutdown: clients are disconnected) and delete the cluster."""

@@ -7,6 +7,8 @@ run. The replica that takes a job runs it and heartbeats its row every ``HEARTBE
 replica's dispatcher takes over a job silent for ``STALE_S`` and continues it: it waits for the
 turn already running, or prepares the job again when it had not reached its session.
 
+A running job outlives a database outage: its runner keeps waiting for the turn (which goes on
+in its container and is recorded by the ledger once the database is back) within its deadline.
 The timeout is enforced here, outside the container: past ``started_at + timeout_s`` the job's
 session is stopped (the CLI and container with it) and the job ends ``timeout``. A cancel is
 seen within ``CHECK_S`` and stops the session the same way. A job whose session cannot be
@@ -40,7 +42,7 @@ from gateway.db.models import (
     as_utc,
     utcnow,
 )
-from gateway.errors import AdmissionRefused, GatewayError, TurnTimeout
+from gateway.errors import AdmissionRefused, DependencyUnavailable, GatewayError, TurnTimeout
 from gateway.metrics import Metrics
 from gateway.schemas import SessionConfig
 from gateway.services.fair_queue import Queued, QueueState, next_to_run
@@ -65,6 +67,7 @@ CHECK_S = 2.0
 """How often a running job looks for a cancel and its deadline."""
 _LOCK_KEY = zlib.crc32(b"ccgate-jobs")
 _ACTIVE = [JobStatus.GIT_PULLING, JobStatus.RUNNING]
+_DATABASE_DOWN = (SQLAlchemyError, ConnectionError, OSError, DependencyUnavailable)
 
 
 async def load_queue(db: AsyncSession) -> QueueState:
@@ -365,7 +368,17 @@ class JobQueue:
                 break
             except TurnTimeout:
                 pass
-            if await self._cancel_asked(job.id):
+            except _DATABASE_DOWN as exc:
+                # The turn goes on in its container and the ledger records it once the
+                # database is back: wait for that (within the job's deadline).
+                logger.warning("jobs: job %s waits for the database: %s", job.id, exc)
+                await asyncio.sleep(CHECK_S)
+                continue
+            try:
+                cancelled = await self._cancel_asked(job.id)
+            except _DATABASE_DOWN:
+                continue
+            if cancelled:
                 ended = {"status": JobStatus.CANCELLED, "error": "cancelled while running"}
                 break
         await self._stop_session(session_id)

@@ -90,11 +90,16 @@ class RepositoryWork:
         """Remove the generations of ``repo_id`` that are neither current, nor the one before
         it (a job may have read it from the row just before the pull moved on, and be making
         its workspace on it), nor under a job's workspace (all of them once the repository is
-        deleted)."""
-        async with self._db_factory() as db:
-            repo = await db.get(Repository, repo_id)
-            rows = await db.exec(select(Job.workspace).where(col(Job.repository_id) == repo_id))
-            used = {str(w.get("lower")) for w in rows.all() if w}
+        deleted). Best effort: with the database down nothing is removed now (the next pull,
+        job deletion or repository deletion collects again)."""
+        try:
+            async with self._db_factory() as db:
+                repo = await db.get(Repository, repo_id)
+                rows = await db.exec(select(Job.workspace).where(col(Job.repository_id) == repo_id))
+                used = {str(w.get("lower")) for w in rows.all() if w}
+        except (SQLAlchemyError, ConnectionError, OSError) as exc:
+            logger.warning("repositories: generations of %s not collected now: %s", repo_id, exc)
+            return
         root = self.path(repo_id)
         keep = set(used)
         if repo is not None:
@@ -173,8 +178,7 @@ class RepositoryWork:
         heartbeat = asyncio.create_task(self._heartbeat(repo_id), name=f"repo-hb-{repo_id}")
         try:
             async with self._slots:
-                async with self._db_factory() as db:
-                    repo = await db.get(Repository, repo_id)
+                repo = await self._load(repo_id)
                 if repo is None:
                     return
                 operation = "clone" if repo.status is RepositoryStatus.CLONING else "pull"
@@ -199,6 +203,19 @@ class RepositoryWork:
             )
         finally:
             heartbeat.cancel()
+
+    async def _load(self, repo_id: str) -> Repository | None:
+        """The row the work is about, read again until the database answers (an outage at
+        the start of the work delays it; it does not fail it)."""
+        delay = 0.5
+        while True:
+            try:
+                async with self._db_factory() as db:
+                    return await db.get(Repository, repo_id)
+            except (SQLAlchemyError, ConnectionError, OSError) as exc:
+                logger.warning("repositories: cannot read %s yet: %s", repo_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     async def _heartbeat(self, repo_id: str) -> None:
         while True:
@@ -248,7 +265,8 @@ class RepositoryWork:
             await asyncio.to_thread(staging.rename, target)
         except GitFailed as exc:
             await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
-            await self.collect(repo.id)
+            # Nothing to collect but an empty directory (no database needed: it may be down).
+            await asyncio.to_thread(generations.remove_root, self.path(repo.id), everything=False)
             await self._finish(repo.id, {"status": RepositoryStatus.FAILED, "error": str(exc)})
             return False
         except BaseException:

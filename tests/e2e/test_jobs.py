@@ -23,7 +23,7 @@ from scripted_model import ScriptedModelServer
 from tests.conftest import Api, full_stack_settings
 from tests.containers import PostgresContainer, RedisContainer, S3Container
 from tests.integration.test_repositories import git, make_upstream
-from tests.servers import GatewayServer
+from tests.servers import GatewayServer, PostgresServer
 
 pytestmark = pytest.mark.e2e
 
@@ -668,3 +668,43 @@ async def test_a_finished_jobs_workspace_is_removed_after_the_retention(
     with pytest.raises(docker.errors.NotFound):
         docker_client.volumes.get(f"ccgate-job-{job['id']}")
     assert (await api.http.delete(f"/api/v1/jobs/{job['id']}")).status_code == 204
+
+
+async def test_a_running_job_outlives_a_database_outage(
+    tmp_path_factory: pytest.TempPathFactory,
+    jobs_gateway: GatewayServer,
+    redis_server: RedisContainer,
+    postgres_server: PostgresContainer,
+    s3_server: S3Container,
+    scripted_model: ScriptedModelServer,
+) -> None:
+    """The database stops for a few seconds while a job's turn runs: the API answers 503, the
+    turn goes on in its container, and once the database is back the ledger records it and
+    the job completes with its result."""
+    own_pg = PostgresServer().start()
+    settings = full_stack_settings(
+        Path(tmp_path_factory.mktemp("gw-nodb")), redis_server, postgres_server, s3_server,
+        scripted_model, database_url=own_pg.url,
+    )  # fmt: skip
+    gateway = GatewayServer(settings).start()
+    api = Api(gateway, f"test-{uuid.uuid4().hex[:8]}")
+    try:
+        r = await api.http.post("/api/v1/jobs", json={"prompt": "slow 3"})
+        job_id = r.json()["id"]
+        async with asyncio.timeout(60):
+            while True:
+                job = (await api.http.get(f"/api/v1/jobs/{job_id}")).json()
+                if job["session_id"]:
+                    break
+                await asyncio.sleep(0.1)
+        await asyncio.to_thread(own_pg.halt)
+        down = await api.http.get(f"/api/v1/jobs/{job_id}")
+        assert down.status_code == 503 and "database" in down.json()["detail"], down.text
+        await asyncio.sleep(4)  # the turn ends while the database is down
+        await asyncio.to_thread(own_pg.resume)
+        done = await finished(api, job_id, timeout_s=90)
+        assert done["status"] == "completed", done
+    finally:
+        await api.http.aclose()
+        gateway.stop()
+        own_pg.stop()

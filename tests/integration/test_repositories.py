@@ -24,7 +24,7 @@ from gateway.db.models import Repository, RepositoryStatus
 from gateway.services import repo_work as repositories_module
 from tests.conftest import JWT_SECRET, make_settings
 from tests.containers import PostgresContainer, RedisContainer
-from tests.servers import GatewayServer
+from tests.servers import GatewayServer, PostgresServer
 
 GIT_ENV = {
     **os.environ,
@@ -357,3 +357,40 @@ def test_the_repos_command_adds_lists_shows_pulls_and_removes(
     assert missing.exit_code == 1 and "error 404" in missing.output
     refused = runner.invoke(main, ["repos", "add", "x", "ext::sh"], env=env)
     assert refused.exit_code == 1 and "error 422" in refused.output
+
+
+async def test_the_database_down_during_a_clone_delays_its_outcome_and_loses_nothing(
+    tmp_path: Path, roots: Path, redis_server: RedisContainer, hanging_remote: str
+) -> None:
+    """The database stops while a clone runs (against a remote that never answers, so it
+    ends by its timeout while the database is down): the API answers 503 naming the
+    database, the worker keeps its outcome and records it once the database is back."""
+    own_pg = PostgresServer().start()
+    gateway = GatewayServer(
+        make_settings(
+            tmp_path,
+            redis_url=redis_server.url,
+            database_url=own_pg.url,
+            repo_allow_http=True,
+            repo_clone_timeout_s=3,
+        )
+    ).start()
+    token = mint_token(key=JWT_SECRET, user=f"test-{uuid.uuid4().hex[:8]}", ttl_s=3600)
+    try:
+        async with httpx.AsyncClient(
+            base_url=f"{gateway.url}/api/v1",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        ) as http:
+            r = await http.post("/repositories", json={"name": "dark", "git_url": hanging_remote})
+            assert r.status_code == 202, r.text
+            await asyncio.to_thread(own_pg.halt)
+            down = await http.get("/repositories/dark")
+            assert down.status_code == 503 and "database" in down.json()["detail"], down.text
+            await asyncio.sleep(4)  # the clone times out while the database is down
+            await asyncio.to_thread(own_pg.resume)
+            failed = await settled(http, "dark", timeout_s=60)
+            assert failed["status"] == "failed" and "timed out after 3s" in failed["error"]
+    finally:
+        gateway.stop()
+        own_pg.stop()
