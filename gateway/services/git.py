@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from gateway.batch_config import BatchSettings
 from gateway.errors import InvalidRequest
 
 _SCP_LIKE = re.compile(r"^(?P<user>[A-Za-z0-9._-]+)@(?P<host>[A-Za-z0-9.-]+):(?P<path>[^/].*)$")
@@ -46,6 +47,11 @@ class UrlPolicy:
 
     allow_http: bool = False
     file_roots: tuple[Path, ...] = ()
+
+    @classmethod
+    def of(cls, settings: BatchSettings) -> UrlPolicy:
+        """The deployment's policy (``CCGATE_REPO_ALLOW_HTTP``, ``CCGATE_REPO_FILE_ROOTS``)."""
+        return cls(allow_http=settings.repo_allow_http, file_roots=tuple(settings.repo_file_roots))
 
     @property
     def protocols(self) -> str:

@@ -39,9 +39,7 @@ class WorkspacePreparer:
         self._repositories = repositories
         self._metrics = metrics
         self._update = record
-        self._policy = UrlPolicy(
-            allow_http=settings.repo_allow_http, file_roots=tuple(settings.repo_file_roots)
-        )
+        self._policy = UrlPolicy.of(settings)
 
     async def prepare(self, job: Job, deadline: float) -> PreparedWorkspace:
         """Pull (``git_aware``) and make the job's workspace with its uploads; records

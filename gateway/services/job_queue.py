@@ -46,7 +46,6 @@ from gateway.errors import AdmissionRefused, DependencyUnavailable, GatewayError
 from gateway.metrics import Metrics
 from gateway.schemas import SessionConfig
 from gateway.services.fair_queue import Queued, QueueState, next_to_run
-from gateway.services.git import UrlPolicy
 from gateway.services.job_prepare import WorkspacePreparer
 from gateway.services.job_results import JobEnded, costs, outcome, substitute
 from gateway.services.job_workspace import (
@@ -115,9 +114,6 @@ class JobQueue:
         self._workspaces = workspaces
         self._repositories = repositories
         self._metrics = metrics
-        self._policy = UrlPolicy(
-            allow_http=settings.repo_allow_http, file_roots=tuple(settings.repo_file_roots)
-        )
         self._preparer = WorkspacePreparer(
             settings, db_factory, workspaces, repositories, metrics, self._update
         )

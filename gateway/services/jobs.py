@@ -66,9 +66,7 @@ class JobService:
         self._repositories = repositories
         self._sessions = sessions
         self._wake = wake_queue
-        self._policy = UrlPolicy(
-            allow_http=settings.repo_allow_http, file_roots=tuple(settings.repo_file_roots)
-        )
+        self._policy = UrlPolicy.of(settings)
 
     async def create(self, db: AsyncSession, *, owner: str, body: JobCreate) -> Job:
         """Insert the job, ``queued`` (``start``) or ``created``. Raises InvalidRequest (an

@@ -70,9 +70,7 @@ class RepositoryWork:
         self._db_factory = db_factory
         self._box = secret_box
         self._metrics = metrics
-        self._policy = UrlPolicy(
-            allow_http=settings.repo_allow_http, file_roots=tuple(settings.repo_file_roots)
-        )
+        self._policy = UrlPolicy.of(settings)
         self._slots = asyncio.Semaphore(settings.repo_concurrency)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.worker = f"gw-{uuid.uuid4().hex[:12]}"

@@ -104,6 +104,16 @@ async def finished(api: Api, job_id: str, timeout_s: float = 90) -> dict[str, An
             await asyncio.sleep(0.2)
 
 
+async def running(api: Api, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
+    """The job once its session runs its prompt."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            job: dict[str, Any] = (await api.http.get(f"/api/v1/jobs/{job_id}")).json()
+            if job["status"] == "running" and job["session_id"]:
+                return job
+            await asyncio.sleep(0.1)
+
+
 async def registered(api: Api, name: str, upstream: Path) -> dict[str, Any]:
     r = await api.http.post(
         "/api/v1/repositories", json={"name": name, "git_url": f"file://{upstream}"}
@@ -345,12 +355,7 @@ async def test_cancel_and_timeout_stop_the_running_container(
     api: Api = make_user()
     r = await api.http.post("/api/v1/jobs", json={"prompt": "slow 60"})
     job_id = r.json()["id"]
-    async with asyncio.timeout(60):
-        while True:
-            job = (await api.http.get(f"/api/v1/jobs/{job_id}")).json()
-            if job["status"] == "running" and job["session_id"]:
-                break
-            await asyncio.sleep(0.1)
+    job = await running(api, job_id)
     sid = job["session_id"]
     assert docker_client.containers.get(f"ccgate-{sid}").status == "running"
     began = time.monotonic()
@@ -567,12 +572,7 @@ async def test_a_replica_stopping_mid_job_leaves_it_to_another_that_finishes_it(
     try:
         r = await api.http.post("/api/v1/jobs", json={"prompt": "slow 6"})
         job_id = r.json()["id"]
-        async with asyncio.timeout(60):
-            while True:
-                job = (await api.http.get(f"/api/v1/jobs/{job_id}")).json()
-                if job["session_id"]:
-                    break
-                await asyncio.sleep(0.1)
+        job = await running(api, job_id)
         await api.http.aclose()
         first.stop()  # its runner is cancelled; the job's session keeps running
         # B replaces A at its address (where the job's container calls the model proxy).
@@ -691,12 +691,7 @@ async def test_a_running_job_outlives_a_database_outage(
     try:
         r = await api.http.post("/api/v1/jobs", json={"prompt": "slow 3"})
         job_id = r.json()["id"]
-        async with asyncio.timeout(60):
-            while True:
-                job = (await api.http.get(f"/api/v1/jobs/{job_id}")).json()
-                if job["session_id"]:
-                    break
-                await asyncio.sleep(0.1)
+        await running(api, job_id)
         await asyncio.to_thread(own_pg.halt)
         down = await api.http.get(f"/api/v1/jobs/{job_id}")
         assert down.status_code == 503 and "database" in down.json()["detail"], down.text
