@@ -43,10 +43,12 @@ async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
             logger.warning("database handle closed on a lost connection: %s", exc)
 
 
-async def _authorize(
+async def authorize(
     request: Request, session_id: str, user: Principal, *, allow_self: bool
 ) -> Session:
-    """Authorization on a short-lived handle of its own, closed before the route runs."""
+    """The session ``user`` may touch (see SessionService.authorize; NotFound otherwise), read
+    on a short-lived handle of its own, closed before the route runs; 503 database when it is
+    unreachable."""
     service: SessionService = request.app.state.sessions
     try:
         async with request.app.state.db_factory() as db:
@@ -87,12 +89,12 @@ CurrentUser = Annotated[Principal, Depends(get_principal)]
 async def get_owned_session(session_id: str, request: Request, user: CurrentUser) -> Session:
     """The path's session if the caller may touch it: its owner, or a session token of one of
     its ancestors (404 otherwise, never 403: no existence leak)."""
-    return await _authorize(request, session_id, user, allow_self=False)
+    return await authorize(request, session_id, user, allow_self=False)
 
 
 async def get_scoped_session(session_id: str, request: Request, user: CurrentUser) -> Session:
     """Like get_owned_session, and a session token may also name its own session."""
-    return await _authorize(request, session_id, user, allow_self=True)
+    return await authorize(request, session_id, user, allow_self=True)
 
 
 def require_user_token(user: CurrentUser) -> Principal:

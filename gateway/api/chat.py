@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response, status
 
 from gateway.db.models import Turn, as_utc
-from gateway.deps import DbDep, OwnedSession, ServiceDep
+from gateway.deps import CurrentUser, DbDep, OwnedSession, ServiceDep, authorize
 from gateway.schemas import ChatAccepted, ChatRequest, ChatResult, MessagePublic, WaitRequest
 
 router = APIRouter(prefix="/sessions/{session_id}", tags=["chat"])
@@ -40,8 +40,9 @@ def chat_result(turn: Turn) -> ChatResult:
     responses={200: {"model": ChatResult, "description": "stream=false: the turn's result"}},
 )
 async def chat(
+    session_id: str,
     body: ChatRequest,
-    session: OwnedSession,
+    user: CurrentUser,
     request: Request,
     response: Response,
     db: DbDep,
@@ -57,6 +58,20 @@ async def chat(
     ``stream=true`` (default): 202 with the ``message_id``; events carry it as ``turn_id``.
     ``stream=false``: waits and returns the result (504 if it takes longer than the timeout).
     """
+    if body.stream and user.session_scope is None:
+        # The owner's prompt in one statement; anything it does not take (a session token, a
+        # refusal) goes the whole way below, which authorizes and says why.
+        quick = await service.chat_as_owner(
+            db=db,
+            owner=user.user,
+            session_id=session_id,
+            prompt=body.prompt,
+            timeout_s=body.timeout_seconds,
+            queue=queue or body.queue,
+        )
+        if quick is not None:
+            return ChatAccepted(message_id=quick.id)
+    session = await authorize(request, session_id, user, allow_self=False)
     turn = await service.chat(
         db=db,
         session=session,

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
 from sqlalchemy import event
+from sqlalchemy.engine.interfaces import AdaptedConnection
+from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from gateway.db import models  # noqa: F401  (registers the tables)
@@ -38,13 +42,36 @@ def make_engine(
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(
-        url,
-        pool_size=pool_size,
-        max_overflow=max_overflow,
-        pool_timeout=pool_timeout_s,
-        pool_pre_ping=True,
+    engine = create_async_engine(
+        url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout_s
     )
+    event.listen(engine.sync_engine, "checkout", _ping_on_checkout)
+    event.listen(engine.sync_engine, "checkin", _mark_used)
+    return engine
+
+
+def _mark_used(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    record.info["used"] = True
+
+
+def _ping_on_checkout(
+    dbapi_connection: AdaptedConnection, record: ConnectionPoolEntry, _proxy: Any
+) -> None:
+    """Pessimistic disconnect handling, as ``pool_pre_ping`` does it, in one round trip.
+
+    A connection that has been used before is pinged with ``SELECT 1`` in the simple query
+    protocol (no prepared statement, so PgBouncer's transaction mode is fine with it). The
+    asyncpg dialect's own pre-ping wraps its ping in BEGIN ... ROLLBACK: three round trips on
+    every checkout. A failed ping makes the pool drop every connection older than now and
+    open a new one for this checkout (what pre-ping does), so a PostgreSQL restart costs no
+    request an error.
+    """
+    if not record.info.get("used"):
+        return  # just connected
+    try:
+        dbapi_connection.run_async(lambda conn: conn.execute("SELECT 1"))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise InvalidatePoolError(f"ping failed: {exc!r}") from exc
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, literal, update
+from sqlalchemy import Select, exists, insert, literal, true, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, delete, select
@@ -17,6 +18,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from gateway.db.models import (
     Session,
     SessionStatus,
+    SpawnTree,
     Turn,
     TurnStatus,
     utcnow,
@@ -102,28 +104,74 @@ class TurnOps(ServiceBase):
             )
         await db.commit()
         turn.created_at = now
+        await self._deliver(db, turn, SessionStatus(status), queue=queue)
+        return turn
+
+    async def chat_as_owner(
+        self,
+        *,
+        db: AsyncSession,
+        owner: str,
+        session_id: str,
+        prompt: str,
+        timeout_s: float | None,
+        queue: bool = False,
+    ) -> Turn | None:
+        """:meth:`chat` for the session's owner in one PostgreSQL statement, or None when it
+        was not taken here (SQLite, another user's or an unknown session, an ended one, the
+        user's prompt limit reached): the caller then authorizes and calls :meth:`chat`, which
+        says why.
+
+        A prompt costs one round trip on an autocommit connection (after the pool's ping)
+        instead of about a dozen: the statement takes the tree's lock, checks ownership, the
+        session's state and the prompt limit, touches the session and inserts the turn, with
+        the same locking as :meth:`chat` (the tree's row lock first, then the session's row,
+        whose status PostgreSQL re-checks at its latest version after a wait).
+        """
+        limits = self.settings.admission_limits()
+        turn = Turn(id=str(uuid.uuid4()), session_id=session_id, prompt=prompt)
+        turn.timeout_s = timeout_s
+        now = utcnow()
+        statement = _chat_statement(turn, owner=owner, now=now, limits=limits)
+        async with self.db_factory() as quick:
+            if quick.get_bind().dialect.name != "postgresql":
+                return None
+            conn = await quick.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+            status: str | None = (await conn.execute(statement)).scalar_one_or_none()
+        if status is None:
+            return None
+        turn.created_at = now
+        await self._deliver(db, turn, SessionStatus(status), queue=queue)
+        return turn
+
+    async def _deliver(
+        self, db: AsyncSession, turn: Turn, status: SessionStatus, *, queue: bool
+    ) -> None:
+        """Hand a committed turn to its session: push it to a live session's input, resume a
+        paused one (AdmissionRefused unless ``queue``), or wake the lifecycle loop for a queued
+        one. A failure removes the turn and raises."""
+        session_id = turn.session_id
         try:
-            if SessionStatus(status) is SessionStatus.QUEUED:
-                self.wake_lifecycle(session.id)
-            elif SessionStatus(status) is SessionStatus.PAUSED:
+            if status is SessionStatus.QUEUED:
+                self.wake_lifecycle(session_id)
+            elif status is SessionStatus.PAUSED:
                 try:
-                    await self._resume_paused(session.id)
+                    await self._resume_paused(session_id)
                 except AdmissionRefused:
                     if not queue:
                         raise
-                    self.wake_lifecycle(session.id)
+                    self.wake_lifecycle(session_id)
             else:
                 await session_redis.push_turn(
                     self.redis,
-                    session.id,
-                    TurnRequest(message_id=turn.id, prompt=prompt, timeout_seconds=timeout_s),
+                    session_id,
+                    TurnRequest(turn.id, turn.prompt, timeout_seconds=turn.timeout_s),
                 )
         except GatewayError:
             with contextlib.suppress(SQLAlchemyError):
                 await db.exec(delete(Turn).where(col(Turn.id) == turn.id))
                 await db.commit()
             raise
-        return turn
 
     async def requeue_prompts(self, sid: str) -> None:
         """Rebuild the session's input list from its queued turns, oldest first, each with
@@ -217,6 +265,57 @@ class TurnOps(ServiceBase):
 
 _WAIT_RECHECK_S = 5.0
 _TURN: Any = Turn.__table__  # type: ignore[attr-defined]
+
+
+def _chat_statement(
+    turn: Turn, *, owner: str, now: datetime, limits: admission.Limits
+) -> Select[str]:
+    """PostgreSQL: lock the session's tree, touch the session if ``owner`` owns it, it is open
+    and the owner is below the prompt limit, and insert ``turn``; returns the session's status
+    (one row), or no row and nothing written.
+
+    Data-modifying CTEs always run to completion. The UPDATE's uncorrelated EXISTS on the lock
+    is a one-time filter, evaluated before the UPDATE scans, so the locks are taken in the
+    order every other writer of a tree takes them (tree.py): the tree's row, then the
+    session's.
+    """
+    root = sa_select(col(Session.root_id)).where(col(Session.id) == turn.session_id)
+    locked = (
+        sa_select(col(SpawnTree.root_id))
+        .where(col(SpawnTree.root_id) == root.scalar_subquery())
+        .with_for_update()
+        .cte("locked")
+    )
+    touched = (
+        update(Session)
+        .where(
+            col(Session.id) == turn.session_id,
+            col(Session.owner) == owner,
+            col(Session.status).in_(tree.OPEN),
+            exists(sa_select(locked.c.root_id)),
+            admission.turns_below_limit(owner, limits),
+        )
+        .values(last_activity=now)
+        .returning(col(Session.status))
+        .cte("touched")
+    )
+    added = (
+        insert(Turn)
+        .from_select(
+            ["id", "session_id", "prompt", "status", "created_at", "timeout_s"],
+            sa_select(
+                literal(turn.id, _TURN.c.id.type),
+                literal(turn.session_id, _TURN.c.session_id.type),
+                literal(turn.prompt, _TURN.c.prompt.type),
+                literal(TurnStatus.QUEUED, _TURN.c.status.type),
+                literal(now, _TURN.c.created_at.type),
+                literal(turn.timeout_s, _TURN.c.timeout_s.type),
+            ).select_from(touched),
+        )
+        .returning(col(Turn.id))
+        .cte("added")
+    )
+    return sa_select(touched.c.status).select_from(touched.join(added, true()))
 
 
 def _wakes_waiters(raw: bytes) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from gateway.services.sessions import SessionService
 from gateway.supervisor import Supervisor
 from tests.conftest import JWT_SECRET, make_settings
 from tests.containers import PostgresContainer, RedisContainer
+from wrapper.protocol import TurnRequest, input_key
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -97,16 +99,33 @@ async def _live_session(service: SessionService, parent: Session | None = None) 
     return session
 
 
-async def test_chat_racing_stop_never_leaves_a_turn_queued(service: SessionService) -> None:
+async def _chat_like_the_route(service: SessionService, session: Session) -> Turn:
+    """The chat route's order: the owner's one-statement path (PostgreSQL), else the whole
+    way (which raises why it refuses)."""
+    async with service.db_factory() as db:
+        quick = await service.chat_as_owner(
+            db=db, owner=session.owner, session_id=session.id, prompt="hi", timeout_s=None
+        )
+        if quick is not None:
+            return quick
+        return await service.chat(db=db, session=session, prompt="hi", timeout_s=None)
+
+
+@pytest.mark.parametrize("way", ["whole", "route"])
+async def test_chat_racing_stop_never_leaves_a_turn_queued(
+    service: SessionService, way: str
+) -> None:
     for _ in range(15):
         session = await _live_session(service)
 
         async def chat(s: Session = session) -> Turn | None:
-            async with service.db_factory() as db:
-                try:
+            try:
+                if way == "route":
+                    return await _chat_like_the_route(service, s)
+                async with service.db_factory() as db:
                     return await service.chat(db=db, session=s, prompt="hi", timeout_s=None)
-                except Conflict:
-                    return None
+            except Conflict:
+                return None
 
         async def stop(s: Session = session) -> None:
             async with service.db_factory() as db:
@@ -119,6 +138,73 @@ async def test_chat_racing_stop_never_leaves_a_turn_queued(service: SessionServi
         assert current is not None and current.status is SessionStatus.STOPPED
         assert all(t.status is TurnStatus.CANCELLED for t in turns), [t.status for t in turns]
         assert all(t.recorded_at is not None for t in turns)
+
+
+async def test_the_owners_prompt_in_one_statement(
+    service: SessionService, engine: AsyncEngine
+) -> None:
+    """On PostgreSQL the owner's prompt is queued by one statement: the turn with its deadline,
+    the session touched, the prompt pushed to the session's input. Another user's, an ended
+    session's, or a prompt over the user's limit is not taken (None) and writes nothing."""
+    session = await _live_session(service)
+    async with service.db_factory() as db:
+        before = await db.get(Session, session.id)
+        assert before is not None
+        turn = await service.chat_as_owner(
+            db=db, owner="alice", session_id=session.id, prompt="hello", timeout_s=12.5
+        )
+    if engine.dialect.name == "sqlite":
+        assert turn is None  # SQLite has no data-modifying CTEs: the whole way, always
+        return
+    assert turn is not None
+    async with service.db_factory() as db:
+        row = await db.get(Turn, turn.id)
+        touched = await db.get(Session, session.id)
+    assert row is not None and row.status is TurnStatus.QUEUED
+    assert (row.prompt, row.timeout_s, row.session_id) == ("hello", 12.5, session.id)
+    assert touched is not None and touched.last_activity > before.last_activity
+    pushed = await service.redis.lrange(input_key(session.id), 0, -1)
+    assert [TurnRequest.from_json(p).message_id for p in pushed] == [turn.id]
+
+    async def turns_of(sid: str) -> int:
+        async with service.db_factory() as db:
+            return len((await db.exec(select(Turn).where(Turn.session_id == sid))).all())
+
+    async with service.db_factory() as db:
+        assert (
+            await service.chat_as_owner(
+                db=db, owner="mallory", session_id=session.id, prompt="x", timeout_s=None
+            )
+            is None
+        )
+        assert (
+            await service.chat_as_owner(
+                db=db, owner="alice", session_id="no-such-session", prompt="x", timeout_s=None
+            )
+            is None
+        )
+    assert await turns_of(session.id) == 1
+    limited = dataclasses.replace(
+        service, settings=service.settings.model_copy(update={"max_active_turns_per_user": 1})
+    )
+    async with service.db_factory() as db:
+        assert (
+            await limited.chat_as_owner(
+                db=db, owner="alice", session_id=session.id, prompt="x", timeout_s=None
+            )
+            is None
+        )
+    assert await turns_of(session.id) == 1
+    async with service.db_factory() as db:
+        await service.stop(db=db, session=session)
+        assert (
+            await service.chat_as_owner(
+                db=db, owner="alice", session_id=session.id, prompt="x", timeout_s=None
+            )
+            is None
+        )
+        with pytest.raises(Conflict, match="stopped"):
+            await _chat_like_the_route(service, session)
 
 
 async def test_chat_on_a_stopped_session_is_refused(service: SessionService) -> None:
