@@ -127,7 +127,9 @@ class Settings(BatchSettings):
     (required: sessions fail with 503 without it), ``auto`` (when root and iptables allow),
     ``off``."""
     container_memory: str = "2g"
-    container_cpus: float = 1.0
+    container_cpus: float = Field(default=2.0, gt=0)
+    """A ceiling, in cores (CFS quota): a runaway agent cannot take more, an idle host still
+    lets the CLI's boot use two threads (with 1.0 a cold start is ~30% slower here)."""
     container_pids: int = 512
     container_nofile: int = Field(default=4096, ge=256, le=1_048_576)
     """Open files per session container (soft and hard limit)."""
@@ -186,6 +188,10 @@ class Settings(BatchSettings):
     """Pool containers started at once (per deployment: one replica refills, under a lease)."""
     warm_pool_ready_timeout_s: float = Field(default=60.0, gt=0)
     """A pool container whose CLI is not ready in this time is discarded."""
+    network_sandboxes: int = Field(default=2, ge=0, le=32)
+    """Network sandboxes kept ready per sessions network (services/net_sandboxes.py): a
+    container joins one instead of setting up a network of its own at start; 0: off. Used
+    with the engine's default runtime only."""
     turn_silence_s: float = Field(default=600.0, gt=0)
     """A running turn with no event for this long is flagged (``turn_silent`` notice, metric)."""
     stream_maxlen: int = 10_000

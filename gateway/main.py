@@ -210,6 +210,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics=metrics_,
             egress=egress,
         )
+        sandboxes = app.state.sessions.sandboxes
+        reaper.sandboxes = sandboxes
+        supervisor.start("network-sandboxes", sandboxes.run)
         lifecycle = LifecycleLoop(
             app.state.sessions,
             Lease(

@@ -220,6 +220,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.netns_claims = Counter(
+            "ccgate_network_sandbox_claims",
+            "Container starts that asked for a network sandbox, by result (claimed; empty: "
+            "none ready; redis: unreachable; failed: the sandbox could not be joined)",
+            ["result"],
+            registry=r,
+        )
         self.task_failures = Counter(
             "ccgate_task_failures", "Crashes of supervised background tasks", ["task"], registry=r
         )

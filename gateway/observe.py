@@ -89,6 +89,14 @@ def register_gauges(app: FastAPI) -> None:
             return [({"status": s.value}, float(n)) for s, n in rows.all()]
 
     m.async_gauge("ccgate_sessions", "Sessions by status", ["status"], by_status)
+    sandboxes = state.sessions.sandboxes
+    if sandboxes is not None:
+        m.async_gauge(
+            "ccgate_network_sandboxes_ready",
+            "Network sandboxes ready to be joined, by network",
+            ["network"],
+            sandboxes.ready_counts,
+        )
 
     async def pool_size() -> list[tuple[dict[str, str], float]]:
         async with state.db_factory() as db:

@@ -13,7 +13,9 @@ each of N sessions, measures with a WebSocket client:
 
 Baseline, measured in the same run: the same image driven without ccgate, the way a home-made
 loop would (``docker run -i`` + the CLI on stdin): container start -> CLI ``initialize`` answer,
-and a user line -> ``result`` for the same scripted turn. Prints p50/p95/p99 and ratios.
+and a user line -> ``result`` for the same scripted turn. Each bare sample is taken just before
+a cold session's (interleaved, with the gateway idle), so drift of the machine's speed over the
+run shows in both. Prints p50/p95/p99 and ratios.
 
 Usage: .venv/bin/python scripts/bench_sessions.py [--sessions 20] [--bursts 3]
 """
@@ -88,46 +90,64 @@ async def _pool_ready(http: httpx.AsyncClient, at_least: int) -> None:
         await asyncio.sleep(0.05)
 
 
+async def _session_once(
+    http: httpx.AsyncClient, gateway: GatewayProcess, token: str, *, pooled: bool
+) -> tuple[float, float, float]:
+    """One session: POST /sessions -> ready, then one chat: POST -> first event of the turn,
+    POST -> turn_completed (ms). With ``pooled``, waits (untimed) for a full pool first."""
+    if pooled:
+        await _pool_ready(http, POOL_SIZE)
+    t0 = time.perf_counter()
+    r = await http.post("/api/v1/sessions", json={})
+    r.raise_for_status()
+    sid = r.json()["session_id"]
+    url = f"{gateway.ws_url}/api/v1/sessions/{sid}/stream?token={token}"
+    async with connect(url, max_size=None) as ws:
+        ready = await _ready(ws)
+        if pooled != bool(ready.get("pooled")):
+            raise RuntimeError(f"expected pooled={pooled}: {ready}")
+        ready_ms = (time.perf_counter() - t0) * 1000
+        if pooled:  # the refill behind the claim would compete for the 2 cores
+            await _pool_ready(http, POOL_SIZE)
+        t1 = time.perf_counter()
+        r = await http.post(f"/api/v1/sessions/{sid}/chat", json={"prompt": PROMPT})
+        mid = r.json()["message_id"]
+        first = None
+        while True:
+            event = json.loads(await ws.recv())
+            if event.get("turn_id") != mid:
+                continue
+            if first is None:
+                first = (time.perf_counter() - t1) * 1000
+            if event["type"] == "turn_completed":
+                turn_ms = (time.perf_counter() - t1) * 1000
+                break
+    await http.delete(f"/api/v1/sessions/{sid}")
+    return ready_ms, first or 0.0, turn_ms
+
+
 async def bench_gateway(
-    gateway: GatewayProcess, n: int, *, pooled: bool = False
-) -> dict[str, list[float]]:
+    gateway: GatewayProcess, n: int, *, pooled: bool = False, model_port: int | None = None
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Measure N sessions through the gateway, one after another (with ``pooled``, each
-    create waits, untimed, for a full pool first)."""
+    create waits, untimed, for a full pool first). With ``model_port``, each session follows
+    a bare run (bench_bare) measured just before it, so both see the machine in the same
+    state (this machine's speed drifts by tens of percent over minutes)."""
     token = mint_token(key=JWT_KEY, user="bench", ttl_s=3600)
     headers = {"Authorization": f"Bearer {token}"}
     out: dict[str, list[float]] = {"ready": [], "first_event": [], "turn": []}
+    bare: dict[str, list[float]] = {"ready": [], "turn": []}
     async with httpx.AsyncClient(base_url=gateway.url, headers=headers, timeout=120) as http:
         for _ in range(n):
-            if pooled:
-                await _pool_ready(http, POOL_SIZE)
-            t0 = time.perf_counter()
-            r = await http.post("/api/v1/sessions", json={})
-            r.raise_for_status()
-            sid = r.json()["session_id"]
-            url = f"{gateway.ws_url}/api/v1/sessions/{sid}/stream?token={token}"
-            async with connect(url, max_size=None) as ws:
-                ready = await _ready(ws)
-                if pooled != bool(ready.get("pooled")):
-                    raise RuntimeError(f"expected pooled={pooled}: {ready}")
-                out["ready"].append((time.perf_counter() - t0) * 1000)
-                if pooled:  # the refill behind the claim would compete for the 2 cores
-                    await _pool_ready(http, POOL_SIZE)
-                t1 = time.perf_counter()
-                r = await http.post(f"/api/v1/sessions/{sid}/chat", json={"prompt": PROMPT})
-                mid = r.json()["message_id"]
-                first = None
-                while True:
-                    event = json.loads(await ws.recv())
-                    if event.get("turn_id") != mid:
-                        continue
-                    if first is None:
-                        first = (time.perf_counter() - t1) * 1000
-                    if event["type"] == "turn_completed":
-                        out["turn"].append((time.perf_counter() - t1) * 1000)
-                        break
-                out["first_event"].append(first or 0.0)
-            await http.delete(f"/api/v1/sessions/{sid}")
-    return out
+            if model_port is not None:
+                bare_ready, bare_turn = await asyncio.to_thread(bare_once, model_port)
+                bare["ready"].append(bare_ready)
+                bare["turn"].append(bare_turn)
+            ready_ms, first_ms, turn_ms = await _session_once(http, gateway, token, pooled=pooled)
+            out["ready"].append(ready_ms)
+            out["first_event"].append(first_ms)
+            out["turn"].append(turn_ms)
+    return out, bare
 
 
 async def bench_burst(gateway: GatewayProcess, bursts: int) -> dict[str, list[float]]:
@@ -159,43 +179,42 @@ async def bench_burst(gateway: GatewayProcess, bursts: int) -> dict[str, list[fl
     return out
 
 
-def bench_bare(model_port: int, n: int) -> dict[str, list[float]]:
-    """The same image and CLI without ccgate: docker run -i, initialize, one turn on stdin."""
-    out: dict[str, list[float]] = {"ready": [], "turn": []}
+def bare_once(model_port: int) -> tuple[float, float]:
+    """The same image and CLI without ccgate: docker run -i -> the CLI's ``initialize``
+    answer, then one turn on stdin -> ``result`` (ms)."""
     init = {"type": "control_request", "request_id": "r1", "request": {"subtype": "initialize"}}
-    for _ in range(n):
-        sid = str(uuid.uuid4())
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            [
-                "docker", "run", "--rm", "-i", "--user", "1000:1000",
-                "--add-host", "host.docker.internal:host-gateway",
-                "-e", f"ANTHROPIC_BASE_URL=http://host.docker.internal:{model_port}",
-                "-e", "ANTHROPIC_API_KEY=sk-ant-bench", "--entrypoint", "claude", IMAGE,
-                "--input-format=stream-json", "--output-format=stream-json", "--verbose",
-                f"--session-id={sid}", "--model=claude-sonnet-4-5",
-                "--permission-mode=bypassPermissions",
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write((json.dumps(init) + "\n").encode())
-        proc.stdin.flush()
-        while json.loads(proc.stdout.readline()).get("type") != "control_response":
-            pass
-        out["ready"].append((time.perf_counter() - t0) * 1000)
-        t1 = time.perf_counter()
-        message = {"type": "user", "message": {"role": "user", "content": PROMPT}}
-        proc.stdin.write((json.dumps(message) + "\n").encode())
-        proc.stdin.flush()
-        while json.loads(proc.stdout.readline()).get("type") != "result":
-            pass
-        out["turn"].append((time.perf_counter() - t1) * 1000)
-        proc.stdin.close()
-        proc.wait(timeout=30)
-    return out
+    sid = str(uuid.uuid4())
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [
+            "docker", "run", "--rm", "-i", "--user", "1000:1000",
+            "--add-host", "host.docker.internal:host-gateway",
+            "-e", f"ANTHROPIC_BASE_URL=http://host.docker.internal:{model_port}",
+            "-e", "ANTHROPIC_API_KEY=sk-ant-bench", "--entrypoint", "claude", IMAGE,
+            "--input-format=stream-json", "--output-format=stream-json", "--verbose",
+            f"--session-id={sid}", "--model=claude-sonnet-4-5",
+            "--permission-mode=bypassPermissions",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write((json.dumps(init) + "\n").encode())
+    proc.stdin.flush()
+    while json.loads(proc.stdout.readline()).get("type") != "control_response":
+        pass
+    ready_ms = (time.perf_counter() - t0) * 1000
+    t1 = time.perf_counter()
+    message = {"type": "user", "message": {"role": "user", "content": PROMPT}}
+    proc.stdin.write((json.dumps(message) + "\n").encode())
+    proc.stdin.flush()
+    while json.loads(proc.stdout.readline()).get("type") != "result":
+        pass
+    turn_ms = (time.perf_counter() - t1) * 1000
+    proc.stdin.close()
+    proc.wait(timeout=30)
+    return ready_ms, turn_ms
 
 
 def main() -> None:
@@ -224,16 +243,15 @@ def main() -> None:
     # The gateway runs as its own process (``ccgate serve``), like a deployment: a gateway in a
     # thread of this process would share its GIL with the measuring client.
     try:
-        bare = bench_bare(model.port, args.sessions)
         gateway = GatewayProcess(settings()).start()
         try:
-            cold = asyncio.run(bench_gateway(gateway, args.sessions))
+            cold, bare = asyncio.run(bench_gateway(gateway, args.sessions, model_port=model.port))
         finally:
             gateway.stop()
         pool = json.dumps([{"name": "bench", "min_size": POOL_SIZE}])
         gateway = GatewayProcess(settings(warm_pool=pool, warm_pool_refill_concurrency=4)).start()
         try:
-            warm = asyncio.run(bench_gateway(gateway, args.sessions, pooled=True))
+            warm, _ = asyncio.run(bench_gateway(gateway, args.sessions, pooled=True))
             burst = asyncio.run(bench_burst(gateway, args.bursts))
         finally:
             gateway.stop()

@@ -96,6 +96,12 @@ def pool_claims_key(profile: str) -> str:
     return f"{KEY_PREFIX}:pool:{profile}:recent-claims"
 
 
+def netns_free_key(deployment: str, network: str) -> str:
+    """List of the ids of ready network sandboxes on ``network`` (the gateway's; LPOP claims
+    one). Outside every session's key prefix, so no container can touch it."""
+    return f"{KEY_PREFIX}:netns:{deployment}:{network}:free"
+
+
 def lease_key(name: str) -> str:
     """A gateway-wide lease (string: the holder's id, with a TTL): one replica at a time runs
     the task ``name``. Outside every session's key prefix, so no container can touch it."""

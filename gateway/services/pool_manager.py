@@ -202,7 +202,7 @@ class PoolManager:
             )
             assert svc.network is not None
             await svc.network.ensure()
-            info = await svc.runtime.start(
+            info = await svc.start_container(
                 svc.container_spec(
                     name=f"ccgate-{slot_id}",
                     labels=labels,

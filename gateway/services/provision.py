@@ -181,7 +181,7 @@ class Provisioning(ServiceBase):
             )
             proxy_url = grant.url
         labels = {LABEL_SESSION: sid, LABEL_OWNER: owner}
-        info = await self.runtime.start(
+        info = await self.start_container(
             self.container_spec(
                 name=name,
                 labels=labels,

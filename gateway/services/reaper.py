@@ -42,6 +42,7 @@ from gateway.errors import DependencyUnavailable
 from gateway.services import session_redis
 from gateway.services.container_deaths import DeathWatch
 from gateway.services.lease import Lease
+from gateway.services.net_sandboxes import NetworkSandboxes
 from gateway.services.runtime import ContainerInfo, ContainerRuntime, ContainerState
 from gateway.services.runtime.base import LABEL_HELPER, LABEL_SESSION
 from gateway.services.tree import LIVE, OPEN, cancel_open_turns, end_session, lock_tree
@@ -78,6 +79,8 @@ class Reaper:
         self._interval_s = interval_s
         self._grace = timedelta(seconds=grace_s)
         self._creation_timeout = timedelta(seconds=creation_timeout_s)
+        self.sandboxes: NetworkSandboxes | None = None
+        """Swept with the rest when set (leaked network sandboxes)."""
 
     async def run(self) -> None:
         """Sweep at once (reconciliation at start-up: what a crashed gateway left behind),
@@ -211,6 +214,8 @@ class Reaper:
             if per_session and owner not in sessions and owner not in slots:
                 await self._runtime.remove_volume(name)
                 done["volumes_removed"] += 1
+        if self.sandboxes is not None:
+            done["sandboxes_removed"] = await self.sandboxes.sweep()
         return done
 
     def _orphan(self, session: Session | None, container: ContainerInfo) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from gateway.auth import Principal
 from gateway.config import Settings
 from gateway.db.models import Session
 from gateway.errors import (
+    ContainerStartFailed,
     DependencyUnavailable,
     NotFound,
 )
@@ -26,8 +28,10 @@ from gateway.services.egress import EgressProxies
 from gateway.services.envelopes import notice_key
 from gateway.services.event_hub import EventHub
 from gateway.services.ledger import Ledger
+from gateway.services.net_sandboxes import NetworkSandboxes
 from gateway.services.network import SessionsNetwork
 from gateway.services.runtime import ContainerRuntime
+from gateway.services.runtime.base import ContainerInfo, ContainerSpec
 from wrapper.protocol import EventType
 
 if TYPE_CHECKING:  # warm_pool imports the services built on this base
@@ -67,11 +71,35 @@ class ServiceBase:
     wake_pool: Callable[[], None] = field(default=lambda: None)
     """Tell the pool manager a container was claimed (set at start-up)."""
 
+    sandboxes: NetworkSandboxes | None = None
+    """The ready network sandboxes (made when not given)."""
+
     def __post_init__(self) -> None:
         if self.network is None:
             self.network = SessionsNetwork(self.settings, self.runtime)
         if self.egress is None:
             self.egress = EgressProxies(self.settings, self.db_factory)
+        if self.sandboxes is None:
+            self.sandboxes = NetworkSandboxes(
+                self.settings, self.runtime, self.redis, self.metrics, self.network.ensure
+            )
+
+    async def start_container(self, spec: ContainerSpec) -> ContainerInfo:
+        """Start a session or pool container, in a ready network sandbox when there is one
+        (see net_sandboxes.py), else on its own network. A sandbox that cannot be joined is
+        removed and the container started without one. Raises ContainerStartFailed,
+        DependencyUnavailable (docker)."""
+        assert self.sandboxes is not None
+        sandbox = await self.sandboxes.claim(spec.network)
+        if sandbox is None:
+            return await self.runtime.start(spec)
+        try:
+            return await self.runtime.start(dataclasses.replace(spec, network_from=sandbox))
+        except ContainerStartFailed as exc:
+            logger.warning("network sandbox %s not joined (%s); own network", sandbox[:12], exc)
+            self.metrics.netns_claims.labels(result="failed").inc()
+            await self.sandboxes.discard(sandbox)
+            return await self.runtime.start(spec)
 
     async def get_owned(self, *, db: AsyncSession, owner: str, session_id: str) -> Session:
         """The session if it exists and belongs to ``owner``; raises NotFound otherwise."""

@@ -11,11 +11,13 @@ from typing import Any
 
 import docker
 import pytest
+import redis.asyncio as aioredis
 
 from gateway.services.runtime.firewall import bridge_name
 from scripted_model import ScriptedModelServer
 from tests.conftest import Api
 from tests.containers import PostgresContainer, RedisContainer
+from wrapper.protocol import netns_free_key
 
 pytestmark = pytest.mark.e2e
 
@@ -38,6 +40,16 @@ def _probe(container: Any, targets: list[str]) -> dict[str, str]:
     _, out = container.exec_run(["python3", "-c", _PROBE, *targets], user="1000")
     result: dict[str, str] = json.loads(out.decode().strip().splitlines()[-1])
     return result
+
+
+def _network_holder(client: docker.DockerClient, container: Any) -> Any:
+    """The container that holds ``container``'s network namespace: its network sandbox when it
+    joined one (``container:<id>``), else itself."""
+    container.reload()
+    mode = str(container.attrs["HostConfig"]["NetworkMode"])
+    if mode.startswith("container:"):
+        return client.containers.get(mode.split(":", 1)[1])
+    return container
 
 
 def _ip(container: Any, network: str) -> str:
@@ -88,7 +100,8 @@ async def test_a_session_reaches_the_gateway_and_its_redis_and_nothing_else(
         f"{host}:{redis_server.port}": "open",  # its Redis (a published port)
         f"{host}:{scripted_model.port}": "blocked",  # another server on the host
         f"{host}:{postgres_server.port}": "blocked",  # the database's published port
-        f"{_ip(b, network)}:8099": "blocked",  # another session's container
+        # another session's container (through its sandbox's address)
+        f"{_ip(_network_holder(docker_client, b), network)}:8099": "blocked",
         f"{redis_ip}:6379": "blocked",  # a container on another network, directly
     }
     assert _probe(a, list(targets)) == targets
@@ -127,7 +140,8 @@ async def test_an_open_session_reaches_no_private_address_and_no_other_host_port
     assert done.json()["status"] == "completed", done.text
     container = docker_client.containers.get(f"ccgate-{sid}")
     network = f"{api.gateway.settings.docker_network}-open"
-    assert list(container.attrs["NetworkSettings"]["Networks"]) == [network]
+    holder = _network_holder(docker_client, container)
+    assert list(holder.attrs["NetworkSettings"]["Networks"]) == [network]
     assert docker_client.networks.get(network).attrs["Internal"] is False
     assert redis_server.container is not None
     service = redis_server.container.get_wrapped_container()
@@ -143,3 +157,77 @@ async def test_an_open_session_reaches_no_private_address_and_no_other_host_port
     assert _probe(container, list(targets)) == targets
     _, out = container.exec_run(["cat", "/proc/net/route"])
     assert any(line.split()[1] == "00000000" for line in out.decode().splitlines()[1:])
+
+
+async def _free_sandboxes(redis_url: str, key: str, at_least: int) -> list[str]:
+    """The ready sandboxes' ids once at least ``at_least`` are listed (60 s at most)."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            ids = [raw.decode() for raw in await client.lrange(key, 0, -1)]
+            if len(ids) >= at_least:
+                return ids
+            assert time.monotonic() < deadline, f"fewer than {at_least} ready sandboxes: {ids}"
+            await asyncio.sleep(0.2)
+    finally:
+        await client.aclose()
+
+
+async def test_a_session_starts_in_a_ready_network_sandbox_and_takes_it_along(
+    make_api: Any, docker_client: docker.DockerClient, redis_server: RedisContainer
+) -> None:
+    """A cold start joins a network sandbox made ahead of time (no network set-up of its own)
+    and works like any session; deleting the session removes its sandbox; the refill makes
+    another."""
+    api: Api = make_api()
+    s = api.gateway.settings
+    key = netns_free_key(s.deployment_id, s.docker_network)
+    before = await _free_sandboxes(redis_server.url, key, s.network_sandboxes)
+    r = await api.http.post("/api/v1/sessions", json={})
+    assert r.status_code == 201, r.text
+    sid = r.json()["session_id"]
+    done = await api.http.post(
+        f"/api/v1/sessions/{sid}/chat", json={"prompt": "echo joined", "stream": False}
+    )
+    assert done.json()["status"] == "completed", done.text
+    container = docker_client.containers.get(f"ccgate-{sid}")
+    sandbox = _network_holder(docker_client, container)
+    assert sandbox.id in before and sandbox.labels["ccgate.helper"] == "netns"
+    assert container.labels["ccgate.netns"] == sandbox.id
+    assert list(sandbox.attrs["NetworkSettings"]["Networks"]) == [s.docker_network]
+    r = await api.http.delete(f"/api/v1/sessions/{sid}")
+    assert r.status_code == 204, r.text
+    for gone in (container.id, sandbox.id):
+        with pytest.raises(docker.errors.NotFound):
+            docker_client.containers.get(gone)
+    after = await _free_sandboxes(redis_server.url, key, s.network_sandboxes)
+    assert sandbox.id not in after
+
+
+async def test_a_listed_sandbox_that_died_costs_a_start_nothing(
+    make_api: Any, docker_client: docker.DockerClient, redis_server: RedisContainer
+) -> None:
+    """Every ready sandbox removed behind the gateway's back: the next sessions find dead
+    ones, remove them, start on their own network, and work."""
+    api: Api = make_api()
+    s = api.gateway.settings
+    key = netns_free_key(s.deployment_id, s.docker_network)
+    for sandbox_id in await _free_sandboxes(redis_server.url, key, s.network_sandboxes):
+        docker_client.containers.get(sandbox_id).remove(force=True)
+    r = await api.http.post("/api/v1/sessions", json={})
+    assert r.status_code == 201, r.text
+    sid = r.json()["session_id"]
+    done = await api.http.post(
+        f"/api/v1/sessions/{sid}/chat", json={"prompt": "echo fell back", "stream": False}
+    )
+    assert done.json()["status"] == "completed", done.text
+    container = docker_client.containers.get(f"ccgate-{sid}")
+    assert _network_holder(docker_client, container) is container  # its own network
+    metrics = (await api.http.get("/metrics")).text
+    failed = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith('ccgate_network_sandbox_claims_total{result="failed"}')
+    ]
+    assert failed and float(failed[0].split()[-1]) >= 1, failed

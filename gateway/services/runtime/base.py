@@ -15,6 +15,8 @@ LABEL_WORKSPACE = "ccgate.workspace"
 LABEL_DEPLOYMENT = "ccgate.deployment"  # the deployment that owns it (one engine, many)
 # Short-lived helper containers (volume copies); the reaper skips them.
 LABEL_HELPER = "ccgate.helper"
+LABEL_NETNS = "ccgate.netns"  # a container in a network sandbox: the sandbox's container id
+LABEL_NETWORK = "ccgate.network"  # a network sandbox: the network it holds a place on
 LABEL_POOL = "ccgate.pool"  # a warm-pool container: its profile (its session label: its slot id)
 
 FileSink = Callable[[IO[bytes], int], None]
@@ -88,6 +90,12 @@ class ContainerSpec:
     tmpfs: dict[str, str] = field(default_factory=dict)
     """tmpfs mounts: path -> mount options (``size=…,mode=…,uid=…``)."""
     extra_hosts: dict[str, str] = field(default_factory=dict)
+    network_from: str | None = None
+    """Join this running container's network namespace (a network sandbox, net_sandboxes.py,
+    made on ``network`` with ``extra_hosts``) instead of connecting to ``network``: the
+    container then starts without any network set-up of its own."""
+    entrypoint: list[str] | None = None
+    """Replaces the image's entrypoint (None: the image's)."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from gateway.services.runtime.base import (
     LABEL_DEPLOYMENT,
     LABEL_HELPER,
     LABEL_MANAGED,
+    LABEL_NETNS,
     LABEL_SESSION,
     ContainerDeath,
     ContainerInfo,
@@ -245,9 +246,12 @@ class DockerRuntime(ContainerRuntime):
             # each call, two round trips on the path to a running container that nothing reads.
             api = self._docker().api
             labels = {**spec.labels, **self._own}
+            joined = spec.network_from is not None
+            if joined:
+                labels[LABEL_NETNS] = str(spec.network_from)
             host_config = api.create_host_config(
                 binds=[f"{m.volume}:{m.target}:rw" for m in spec.mounts],
-                network_mode=spec.network,
+                network_mode=f"container:{spec.network_from}" if joined else spec.network,
                 cap_drop=["ALL"],
                 cap_add=list(spec.cap_add),
                 read_only=spec.read_only,
@@ -259,7 +263,8 @@ class DockerRuntime(ContainerRuntime):
                 nano_cpus=int(spec.cpus * 1e9),
                 pids_limit=spec.pids,
                 ulimits=[Ulimit(name="nofile", soft=spec.nofile, hard=spec.nofile)],
-                extra_hosts=spec.extra_hosts,
+                # A joined namespace brings its /etc/hosts; Docker refuses both.
+                extra_hosts=None if joined else spec.extra_hosts,
                 log_config=LogConfig(
                     type=LogConfig.types.JSON, config={"max-size": "10m", "max-file": "3"}
                 ),
@@ -272,9 +277,10 @@ class DockerRuntime(ContainerRuntime):
                 user=spec.user,
                 volumes=[m.target for m in spec.mounts],
                 host_config=host_config,
-                networking_config=api.create_networking_config(
-                    {spec.network: api.create_endpoint_config()}
-                ),
+                entrypoint=spec.entrypoint,
+                networking_config=None
+                if joined
+                else api.create_networking_config({spec.network: api.create_endpoint_config()}),
                 stop_signal="SIGTERM",
             )
             container_id = str(created["Id"])
@@ -311,13 +317,20 @@ class DockerRuntime(ContainerRuntime):
             raise DependencyUnavailable("docker", str(exc)) from exc
 
     async def remove(self, container_id: str) -> None:
-        """Force-remove; missing is fine."""
+        """Force-remove, and the network sandbox it joined if any; missing is fine."""
 
         def _remove() -> None:
             try:
-                self._docker().containers.get(container_id).remove(force=True, v=True)
+                container = self._docker().containers.get(container_id)
+                container.remove(force=True, v=True)
             except NotFound:
                 return
+            sandbox = (container.labels or {}).get(LABEL_NETNS)
+            if sandbox:
+                try:
+                    self._docker().api.remove_container(sandbox, force=True)
+                except NotFound:
+                    return
 
         try:
             await self._call(_remove)
