@@ -302,7 +302,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        if exc.status_code >= 500 and not isinstance(exc, DependencyUnavailable):
+        if exc.status_code == 500:  # a plain GatewayError: a bug; 503 and 504 are not
             return _internal(request, exc)
         response = _error(exc.status_code, exc.message, exc.code)
         if isinstance(exc, Unauthorized):

@@ -94,6 +94,9 @@ def make_settings(tmp: Path, **overrides: Any) -> Settings:
         "jwt_secret": JWT_SECRET,
         "stop_timeout_s": 5,
         "image": IMAGE,
+        # No background containers in gateways that start none (full_stack_settings: the
+        # default, as deployed).
+        "network_sandboxes": 0,
     }
     base.update(overrides)
     return Settings(**base)
@@ -119,6 +122,7 @@ def full_stack_settings(
         "container_memory": "1g",
         "reaper_interval_s": 1.0,
         "reaper_grace_s": 3.0,
+        "network_sandboxes": Settings.model_fields["network_sandboxes"].default,
         # The tests' callback receivers listen on loopback; every gateway sharing a ledger group
         # must allow them (any replica may deliver a child's result).
         "callback_allowed_networks": ["127.0.0.0/8"],

@@ -215,6 +215,18 @@ class S3Server:
             self.proc = None
 
 
+def remove_network_sandboxes(deployment: str) -> None:
+    """Remove the network sandboxes of ``deployment`` (the ready ones a stopped test gateway
+    leaves behind: a deployment keeps them across restarts, a test's ends with it)."""
+    listed = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", "label=ccgate.helper=netns",
+         "--filter", f"label=ccgate.deployment={deployment}"],
+        capture_output=True, text=True, check=False,
+    ).stdout.split()  # fmt: skip
+    if listed:
+        subprocess.run(["docker", "rm", "-f", *listed], capture_output=True, check=False)
+
+
 class _GatewayAddress:
     """HTTP and WebSocket base URLs of a gateway listening on ``port``."""
 
@@ -258,9 +270,11 @@ class GatewayServer(_GatewayAddress):
         return self
 
     def stop(self) -> None:
-        """Graceful shutdown (runs the lifespan's close)."""
+        """Graceful shutdown (runs the lifespan's close), then remove the deployment's ready
+        network sandboxes (a deployment keeps them across restarts; a test's ends here)."""
         self._server.should_exit = True
         self._thread.join(timeout=30)
+        remove_network_sandboxes(self.settings.deployment_id)
 
 
 class GatewayProcess(_GatewayAddress):
@@ -275,6 +289,11 @@ class GatewayProcess(_GatewayAddress):
         env["CCGATE_PORT"] = str(self.port)
         env.setdefault("CCGATE_CONTAINER_GATEWAY_URL", f"http://host.docker.internal:{self.port}")
         self._env = env
+        # The deployment id depends on these alone (others may be JSON strings for the env).
+        naming = ("deployment", "database_url", "redis_url", "data_dir", "jwt_secret")
+        self._deployment = Settings(
+            **{k: v for k, v in settings.items() if k in naming}  # type: ignore[arg-type]
+        ).deployment_id
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = Path(tempfile.mkstemp(prefix="ccgate-gw-", suffix=".log")[1])
 
@@ -312,7 +331,7 @@ class GatewayProcess(_GatewayAddress):
             self.proc = None
 
     def stop(self) -> None:
-        """SIGTERM and wait."""
+        """SIGTERM and wait, then remove the deployment's ready network sandboxes."""
         if self.proc is not None:
             self.proc.terminate()
             try:
@@ -320,3 +339,4 @@ class GatewayProcess(_GatewayAddress):
             except subprocess.TimeoutExpired:
                 self.proc.kill()
             self.proc = None
+        remove_network_sandboxes(self._deployment)

@@ -120,6 +120,14 @@ def turns_below_limit(owner: str, limits: Limits) -> ColumnElement[bool]:
     true without one); embedded in the turn's INSERT."""
     if not limits.max_active_turns_per_user:
         return true()
+    return active_turns_below(owner, limits.max_active_turns_per_user)
+
+
+def active_turns_below(
+    owner: str | ColumnElement[str], limit: int | ColumnElement[int]
+) -> ColumnElement[bool]:
+    """SQL condition: ``owner`` has fewer than ``limit`` queued + running prompts (values or
+    bound parameters, for statements built once)."""
     active = (
         select(func.count())
         .select_from(Turn)
@@ -130,7 +138,7 @@ def turns_below_limit(owner: str, limits: Limits) -> ColumnElement[bool]:
         )
         .scalar_subquery()
     )
-    return active < limits.max_active_turns_per_user
+    return active < limit
 
 
 async def check_turns(db: AsyncSession, owner: str, limits: Limits) -> None:

@@ -57,7 +57,7 @@ HELPER = "netns"
 """The ``ccgate.helper`` label of a network sandbox (the reaper and the death watch leave
 helpers alone)."""
 _IDLE_S = 5.0
-_REFILL_DELAY_S = 1.0
+_REFILL_DELAY_S = 2.0
 _MAX_BACKOFF_S = 30.0
 
 

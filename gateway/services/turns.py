@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, exists, insert, literal, true, update
+from sqlalchemy import Integer, Select, bindparam, exists, insert, literal, true, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, delete, select
@@ -60,6 +60,7 @@ class TurnOps(ServiceBase):
         """
         limits = self.settings.admission_limits()
         turn = Turn(id=str(uuid.uuid4()), session_id=session.id, prompt=prompt)
+        turn.timeout_s = timeout_s
         await tree.lock_tree(db, session.root_id)
         now = utcnow()
         # One statement checks the session is open, touches it and reads its status under the
@@ -132,12 +133,23 @@ class TurnOps(ServiceBase):
         turn = Turn(id=str(uuid.uuid4()), session_id=session_id, prompt=prompt)
         turn.timeout_s = timeout_s
         now = utcnow()
-        statement = _chat_statement(turn, owner=owner, now=now, limits=limits)
+        limit = limits.max_active_turns_per_user
+        params = {
+            "chat_session": session_id,
+            "chat_owner": owner,
+            "chat_turn_limit": limit,
+            "chat_turn": turn.id,
+            "chat_prompt": prompt,
+            "chat_status": TurnStatus.QUEUED,
+            "chat_now": now,
+            "chat_timeout_s": timeout_s,
+        }
         async with self.db_factory() as quick:
             if quick.get_bind().dialect.name != "postgresql":
                 return None
             conn = await quick.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-            status: str | None = (await conn.execute(statement)).scalar_one_or_none()
+            result = await conn.execute(_chat_statement(bool(limit)), params)
+            status: str | None = result.scalar_one_or_none()
         if status is None:
             return None
         turn.created_at = now
@@ -265,36 +277,46 @@ class TurnOps(ServiceBase):
 
 _WAIT_RECHECK_S = 5.0
 _TURN: Any = Turn.__table__  # type: ignore[attr-defined]
+_SESSION: Any = Session.__table__  # type: ignore[attr-defined]
 
 
-def _chat_statement(
-    turn: Turn, *, owner: str, now: datetime, limits: admission.Limits
-) -> Select[str]:
-    """PostgreSQL: lock the session's tree, touch the session if ``owner`` owns it, it is open
-    and the owner is below the prompt limit, and insert ``turn``; returns the session's status
-    (one row), or no row and nothing written.
+@functools.cache
+def _chat_statement(limited: bool) -> Select[str]:
+    """PostgreSQL, built once (``limited``: with the user's prompt limit): lock the session's
+    tree, touch the session if ``:chat_owner`` owns it, it is open and the owner is below
+    ``:chat_turn_limit``, and insert the turn; returns the session's status (one row), or no
+    row and nothing written. Parameters (none named like a session column: an UPDATE takes
+    those as values to SET): chat_session, chat_owner, chat_turn_limit, chat_turn,
+    chat_prompt, chat_status, chat_now, chat_timeout_s.
 
     Data-modifying CTEs always run to completion. The UPDATE's uncorrelated EXISTS on the lock
     is a one-time filter, evaluated before the UPDATE scans, so the locks are taken in the
     order every other writer of a tree takes them (tree.py): the tree's row, then the
     session's.
     """
-    root = sa_select(col(Session.root_id)).where(col(Session.id) == turn.session_id)
+    session_id = bindparam("chat_session", type_=_SESSION.c.id.type)
+    owner = bindparam("chat_owner", type_=_SESSION.c.owner.type)
+    now = bindparam("chat_now", type_=_TURN.c.created_at.type)
+    root = sa_select(col(Session.root_id)).where(col(Session.id) == session_id)
     locked = (
         sa_select(col(SpawnTree.root_id))
         .where(col(SpawnTree.root_id) == root.scalar_subquery())
         .with_for_update()
         .cte("locked")
     )
+    conditions = [
+        col(Session.id) == session_id,
+        col(Session.owner) == owner,
+        col(Session.status).in_(tree.OPEN),
+        exists(sa_select(locked.c.root_id)),
+    ]
+    if limited:
+        conditions.append(
+            admission.active_turns_below(owner, bindparam("chat_turn_limit", type_=Integer()))
+        )
     touched = (
         update(Session)
-        .where(
-            col(Session.id) == turn.session_id,
-            col(Session.owner) == owner,
-            col(Session.status).in_(tree.OPEN),
-            exists(sa_select(locked.c.root_id)),
-            admission.turns_below_limit(owner, limits),
-        )
+        .where(*conditions)
         .values(last_activity=now)
         .returning(col(Session.status))
         .cte("touched")
@@ -304,12 +326,12 @@ def _chat_statement(
         .from_select(
             ["id", "session_id", "prompt", "status", "created_at", "timeout_s"],
             sa_select(
-                literal(turn.id, _TURN.c.id.type),
-                literal(turn.session_id, _TURN.c.session_id.type),
-                literal(turn.prompt, _TURN.c.prompt.type),
-                literal(TurnStatus.QUEUED, _TURN.c.status.type),
-                literal(now, _TURN.c.created_at.type),
-                literal(turn.timeout_s, _TURN.c.timeout_s.type),
+                bindparam("chat_turn", type_=_TURN.c.id.type),
+                session_id,
+                bindparam("chat_prompt", type_=_TURN.c.prompt.type),
+                bindparam("chat_status", type_=_TURN.c.status.type),
+                now,
+                bindparam("chat_timeout_s", type_=_TURN.c.timeout_s.type),
             ).select_from(touched),
         )
         .returning(col(Turn.id))

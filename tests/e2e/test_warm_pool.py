@@ -274,7 +274,9 @@ async def test_pool_containers_count_against_the_live_limit(
         """Running containers of the deployment (sparse: no inspect racing a removal)."""
         return list(
             docker_client.containers.list(
-                filters={"label": f"ccgate.deployment={deployment}"}, sparse=True
+                # session and pool containers (network sandboxes are not sessions)
+                filters={"label": [f"ccgate.deployment={deployment}", "ccgate.session_id"]},
+                sparse=True,
             )
         )
 

@@ -13,6 +13,7 @@ import pytest
 
 from gateway import __version__
 from gateway.auth import mint_token
+from gateway.errors import TurnTimeout
 from gateway.logs import configure_logging
 from tests.conftest import JWT_SECRET, make_settings
 from tests.containers import RedisContainer
@@ -26,7 +27,11 @@ def gateway(tmp_path: Path, redis_server: RedisContainer) -> Iterator[GatewaySer
     async def boom() -> None:
         raise RuntimeError("a bug in a route")
 
+    async def slow() -> None:
+        raise TurnTimeout("turn t is still running after 1s; poll GET …")
+
     server.app.add_api_route("/test-boom", boom)
+    server.app.add_api_route("/test-slow", slow)
     yield server.start()
     server.stop()
 
@@ -61,6 +66,17 @@ async def test_a_bug_is_a_500_with_an_error_id_that_the_log_names(
     body = response.json()
     assert body["code"] == "internal_error" and body["error_id"] in body["detail"]
     assert any(body["error_id"] in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+async def test_a_turn_timeout_is_a_504_not_a_bug(
+    gateway: GatewayServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with httpx.AsyncClient(base_url=gateway.url) as http:
+        with caplog.at_level(logging.ERROR):
+            response = await http.get("/test-slow")
+    assert response.status_code == 504, response.text
+    assert response.json()["code"] == "turn_timeout" and "poll GET" in response.json()["detail"]
+    assert not [r for r in caplog.records if "internal error" in r.getMessage()]
 
 
 async def test_bad_input_is_a_422_that_says_what_to_fix(gateway: GatewayServer) -> None:
