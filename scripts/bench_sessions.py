@@ -15,7 +15,8 @@ Baseline, measured in the same run: the same image driven without ccgate, the wa
 loop would (``docker run -i`` + the CLI on stdin): container start -> CLI ``initialize`` answer,
 and a user line -> ``result`` for the same scripted turn. Each bare sample is taken just before
 a cold session's (interleaved, with the gateway idle), so drift of the machine's speed over the
-run shows in both. Prints p50/p95/p99 and ratios.
+run shows in both; warm sessions get their own interleaved bare turns. Prints p50/p95/p99 and
+ratios.
 
 Usage: .venv/bin/python scripts/bench_sessions.py [--sessions 20] [--bursts 3]
 """
@@ -251,7 +252,9 @@ def main() -> None:
         pool = json.dumps([{"name": "bench", "min_size": POOL_SIZE}])
         gateway = GatewayProcess(settings(warm_pool=pool, warm_pool_refill_concurrency=4)).start()
         try:
-            warm, _ = asyncio.run(bench_gateway(gateway, args.sessions, pooled=True))
+            warm, bare_warm = asyncio.run(
+                bench_gateway(gateway, args.sessions, pooled=True, model_port=model.port)
+            )
             burst = asyncio.run(bench_burst(gateway, args.bursts))
         finally:
             gateway.stop()
@@ -269,9 +272,10 @@ def main() -> None:
     print(row("burst of 10: first POST -> last ready", burst["all"], bare["ready"]))
     print(row("cold session: chat -> first event (WS)", cold["first_event"]))
     print(row("warm session: chat -> first event (WS)", warm["first_event"]))
-    print(row("baseline: bare CLI turn (stdin)", bare["turn"]))
+    print(row("baseline: bare CLI turn (beside cold)", bare["turn"]))
     print(row("cold session: chat -> turn_completed", cold["turn"], bare["turn"]))
-    print(row("warm session: chat -> turn_completed", warm["turn"], bare["turn"]))
+    print(row("baseline: bare CLI turn (beside warm)", bare_warm["turn"]))
+    print(row("warm session: chat -> turn_completed", warm["turn"], bare_warm["turn"]))
     print(f"(bursts served from the pool: {burst['pooled']} of {POOL_SIZE} each)")
 
 
