@@ -8,7 +8,8 @@ each of N sessions, measures with a WebSocket client:
                between creates, outside the timed part)
   burst        10 concurrent creates with 10 ready pool containers: each create's POST ->
                ready, and the whole burst's last ready
-  first_event  POST /chat sent -> first event of that turn received (``turn_started``)
+  first_event  POST /chat sent -> first event of that turn received (``turn_started``): the
+               first chat of each session above, and ``--chats`` chats on one settled session
   turn         POST /chat sent -> ``turn_completed`` received (a Write tool turn: two model calls)
 
 Baseline, measured in the same run: the same image driven without ccgate, the way a home-made
@@ -18,7 +19,7 @@ a cold session's (interleaved, with the gateway idle), so drift of the machine's
 run shows in both; warm sessions get their own interleaved bare turns. Prints p50/p95/p99 and
 ratios.
 
-Usage: .venv/bin/python scripts/bench_sessions.py [--sessions 20] [--bursts 3]
+Usage: .venv/bin/python scripts/bench_sessions.py [--sessions 20] [--bursts 3] [--chats 40]
 """
 
 from __future__ import annotations
@@ -151,6 +152,39 @@ async def bench_gateway(
     return out, bare
 
 
+async def bench_settled(gateway: GatewayProcess, chats: int) -> list[float]:
+    """One session, settled (2 s after ``ready``), ``chats`` short prompts one after another,
+    0.5 s apart: POST /chat -> the turn's first event at the WS client (ms)."""
+    token = mint_token(key=JWT_KEY, user="settled", ttl_s=3600)
+    headers = {"Authorization": f"Bearer {token}"}
+    out: list[float] = []
+    async with httpx.AsyncClient(base_url=gateway.url, headers=headers, timeout=120) as http:
+        r = await http.post("/api/v1/sessions", json={})
+        r.raise_for_status()
+        sid = r.json()["session_id"]
+        url = f"{gateway.ws_url}/api/v1/sessions/{sid}/stream?token={token}"
+        async with connect(url, max_size=None) as ws:
+            await _ready(ws)
+            await asyncio.sleep(2.0)
+            for _ in range(chats):
+                t0 = time.perf_counter()
+                r = await http.post(f"/api/v1/sessions/{sid}/chat", json={"prompt": "say hi"})
+                mid = r.json()["message_id"]
+                first = None
+                while True:
+                    event = json.loads(await ws.recv())
+                    if event.get("turn_id") != mid:
+                        continue
+                    if first is None:
+                        first = (time.perf_counter() - t0) * 1000
+                    if event["type"] == "turn_completed":
+                        break
+                out.append(first or 0.0)
+                await asyncio.sleep(0.5)
+        await http.delete(f"/api/v1/sessions/{sid}")
+    return out
+
+
 async def bench_burst(gateway: GatewayProcess, bursts: int) -> dict[str, list[float]]:
     """``bursts`` times: wait for a full pool, then 10 concurrent creates; each create's POST ->
     ready, and each burst's first POST -> last ready."""
@@ -223,6 +257,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--bursts", type=int, default=3)
+    parser.add_argument("--chats", type=int, default=40)
     args = parser.parse_args()
     redis_server = RedisServer().start()
     postgres = PostgresServer().start()
@@ -247,6 +282,7 @@ def main() -> None:
         gateway = GatewayProcess(settings()).start()
         try:
             cold, bare = asyncio.run(bench_gateway(gateway, args.sessions, model_port=model.port))
+            settled = asyncio.run(bench_settled(gateway, args.chats))
         finally:
             gateway.stop()
         pool = json.dumps([{"name": "bench", "min_size": POOL_SIZE}])
@@ -272,6 +308,7 @@ def main() -> None:
     print(row("burst of 10: first POST -> last ready", burst["all"], bare["ready"]))
     print(row("cold session: chat -> first event (WS)", cold["first_event"]))
     print(row("warm session: chat -> first event (WS)", warm["first_event"]))
+    print(row("settled session: chat -> first event", settled))
     print(row("baseline: bare CLI turn (beside cold)", bare["turn"]))
     print(row("cold session: chat -> turn_completed", cold["turn"], bare["turn"]))
     print(row("baseline: bare CLI turn (beside warm)", bare_warm["turn"]))
