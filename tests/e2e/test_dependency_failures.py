@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,5 +132,9 @@ def test_database_down_is_503_naming_the_database(
         r = http.post("/api/v1/sessions", json={})
         assert r.status_code == 503
         assert r.json()["detail"].startswith("database is unavailable")
+        # A prompt (the owner's one-statement path first) is an outage too, not a bug.
+        r = http.post(f"/api/v1/sessions/{uuid.uuid4()}/chat", json={"prompt": "hi"})
+        assert r.status_code == 503, r.text
+        assert r.json()["detail"].startswith("database is unavailable"), r.text
         assert http.get("/health").json()["checks"]["database"]["ok"] is False
     assert _session_keys(redis_server) == keys_before
