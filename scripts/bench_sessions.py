@@ -111,21 +111,27 @@ async def _session_once(
         ready_ms = (time.perf_counter() - t0) * 1000
         if pooled:  # the refill behind the claim would compete for the 2 cores
             await _pool_ready(http, POOL_SIZE)
-        t1 = time.perf_counter()
-        r = await http.post(f"/api/v1/sessions/{sid}/chat", json={"prompt": PROMPT})
-        mid = r.json()["message_id"]
-        first = None
-        while True:
-            event = json.loads(await ws.recv())
-            if event.get("turn_id") != mid:
-                continue
-            if first is None:
-                first = (time.perf_counter() - t1) * 1000
-            if event["type"] == "turn_completed":
-                turn_ms = (time.perf_counter() - t1) * 1000
-                break
+        first_ms, turn_ms = await _chat(http, ws, sid, PROMPT)
     await http.delete(f"/api/v1/sessions/{sid}")
-    return ready_ms, first or 0.0, turn_ms
+    return ready_ms, first_ms, turn_ms
+
+
+async def _chat(
+    http: httpx.AsyncClient, ws: ClientConnection, sid: str, prompt: str
+) -> tuple[float, float]:
+    """One prompt: POST /chat -> the turn's first event, and -> ``turn_completed`` (ms)."""
+    t0 = time.perf_counter()
+    r = await http.post(f"/api/v1/sessions/{sid}/chat", json={"prompt": prompt})
+    mid = r.json()["message_id"]
+    first = None
+    while True:
+        event = json.loads(await ws.recv())
+        if event.get("turn_id") != mid:
+            continue
+        if first is None:
+            first = (time.perf_counter() - t0) * 1000
+        if event["type"] == "turn_completed":
+            return first, (time.perf_counter() - t0) * 1000
 
 
 async def bench_gateway(
@@ -167,19 +173,8 @@ async def bench_settled(gateway: GatewayProcess, chats: int) -> list[float]:
             await _ready(ws)
             await asyncio.sleep(2.0)
             for _ in range(chats):
-                t0 = time.perf_counter()
-                r = await http.post(f"/api/v1/sessions/{sid}/chat", json={"prompt": "say hi"})
-                mid = r.json()["message_id"]
-                first = None
-                while True:
-                    event = json.loads(await ws.recv())
-                    if event.get("turn_id") != mid:
-                        continue
-                    if first is None:
-                        first = (time.perf_counter() - t0) * 1000
-                    if event["type"] == "turn_completed":
-                        break
-                out.append(first or 0.0)
+                first_ms, _ = await _chat(http, ws, sid, "say hi")
+                out.append(first_ms)
                 await asyncio.sleep(0.5)
         await http.delete(f"/api/v1/sessions/{sid}")
     return out

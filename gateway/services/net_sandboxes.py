@@ -100,10 +100,6 @@ class NetworkSandboxes:
     def _key(self, network: str) -> str:
         return netns_free_key(self._settings.deployment_id, network)
 
-    def networks(self) -> list[str]:
-        """The networks sandboxes are kept on (in use so far)."""
-        return list(self._networks)
-
     async def claim(self, network: str) -> str | None:
         """A ready sandbox's container id on ``network``, taken from the list (never given
         to anyone else), or None: none ready, sandboxes off, or Redis unreachable."""
